@@ -1,0 +1,205 @@
+"""Typed schema of params.yaml, validated before any stage does work.
+
+Every stage loads the whole file through `load_params`, so a mistyped key fails every stage, not only the
+stage that would have read it; the `check_params` DVC stage depends on the raw file so that `dvc repro`
+rejects it even when no other stage would rerun. Errors name the key: `params.yaml: data.max_length: ...`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(Exception):
+    """A problem with params or inputs that the user must fix; stages print it as one line, no traceback."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticData(Strict):
+    n_train: int = Field(gt=0)
+    n_valid: int = Field(gt=0)
+    n_per_eval_set: int = Field(gt=0)
+
+
+class PretrainCorpus(Strict):
+    source: Literal["synthetic", "text", "jsonl"]
+    path: str | None = None  # a text file (documents separated by blank lines) or JSONL with a "text" field
+    n_documents: int = Field(gt=0)  # synthetic documents to generate, or the most to read from `path`
+    block_size: int = Field(gt=1)
+
+    @model_validator(mode="after")
+    def _path_given(self):
+        if self.source != "synthetic" and not self.path:
+            raise ValueError(f"path is required when source is '{self.source}'")
+        return self
+
+
+class DataConfig(Strict):
+    source: Literal["synthetic", "jsonl", "dolly"]
+    jsonl_path: str | None = None
+    synthetic: SyntheticData
+    valid_size: int = Field(gt=0)  # jsonl/dolly: records held out for validation (the paper: 1000)
+    test_size: int = Field(gt=0)  # jsonl/dolly: records held out as DollyEval (the paper: 500)
+    max_length: int = Field(gt=1)
+    max_prompt_length: int = Field(gt=0)
+    tokenizer_vocab_size: int = Field(ge=300)  # size of the byte-level BPE trained for the synthetic source
+    pretrain: PretrainCorpus
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})"
+            )
+        if self.source == "jsonl" and not self.jsonl_path:
+            raise ValueError("jsonl_path is required when source is 'jsonl'")
+        return self
+
+
+class Architecture(Strict):
+    n_layer: int = Field(gt=0)
+    n_embd: int = Field(gt=0)
+    n_head: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class ModelSpec(Strict):
+    """Either a pretrained model (`name_or_path`) or a GPT-2 architecture built from scratch (`arch`)."""
+
+    label: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # the size label in reports, e.g. "120M"
+    name_or_path: str | None = None
+    arch: Architecture | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self):
+        if (self.name_or_path is None) == (self.arch is None):
+            raise ValueError("give exactly one of name_or_path and arch")
+        return self
+
+
+class Models(Strict):
+    teacher: ModelSpec
+    student: ModelSpec
+
+
+class EngineConfig(Strict):
+    num_procs: int = Field(ge=1)  # data-parallel processes; >1 relaunches the stage under torchrun
+    launcher: Literal["torchrun", "deepspeed"]
+    device: Literal["cpu", "cuda"]
+    precision: Literal["fp32", "bf16", "fp16"]
+    zero_stage: int = Field(ge=0, le=3)
+
+    @model_validator(mode="after")
+    def _cpu_is_fp32(self):
+        if self.device == "cpu" and self.precision != "fp32":
+            raise ValueError("the CPU path trains in fp32; use precision: fp32 with device: cpu")
+        return self
+
+
+class Optimizer(Strict):
+    lr: float = Field(gt=0)
+    min_lr: float = Field(ge=0)
+    weight_decay: float = Field(ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(gt=0)
+    schedule: Literal["cosine", "constant"]
+    warmup_steps: int = Field(ge=0)
+
+
+class PretrainStage(Strict):
+    """From-scratch pre-training of the tiny `arch` models; skipped for `name_or_path` models."""
+
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    micro_batch_size: int = Field(gt=0)
+    optimizer: Optimizer
+
+
+class SFTStage(Strict):
+    epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0)  # global batch, over all processes and accumulation steps
+    micro_batch_size: int = Field(gt=0)
+    optimizer: Optimizer
+    eval_every: int = Field(gt=0)  # optimiser steps between validation Rouge-L / loss checks
+    eval_max_new_tokens: int = Field(gt=0)
+
+
+class EvaluateStage(Strict):
+    seeds: list[int] = Field(min_length=1)
+    max_new_tokens: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    temperature: float = Field(gt=0)
+
+
+class Params(Strict):
+    seed: int
+    data: DataConfig
+    models: Models
+    engine: EngineConfig
+    pretrain: PretrainStage
+    train_teacher: SFTStage
+    init_student: SFTStage
+    evaluate: EvaluateStage
+
+    @model_validator(mode="after")
+    def _generation_fits(self):
+        # Prompt + generated tokens must fit the models' context (max_length), as in the spec (256 + 256 = 512).
+        room = self.data.max_length - self.data.max_prompt_length
+        for key, new_tokens in (
+            ("evaluate.max_new_tokens", self.evaluate.max_new_tokens),
+            ("train_teacher.eval_max_new_tokens", self.train_teacher.eval_max_new_tokens),
+            ("init_student.eval_max_new_tokens", self.init_student.eval_max_new_tokens),
+        ):
+            if new_tokens > room:
+                raise ValueError(f"{key} ({new_tokens}) exceeds data.max_length - data.max_prompt_length ({room})")
+        return self
+
+
+def _format_validation_error(path: Path, error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "<root>"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] == "missing":
+        message = "required key is missing"
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{path}: {key}: {message}{more}"
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(path, error)) from None
+
+
+def exit_on_user_error(main):
+    """Run a stage's main; a ConfigError becomes one line on stderr and exit status 2, not a traceback."""
+    try:
+        main()
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,166 @@
+"""The training engine every stage shares: DeepSpeed, data parallelism, seeds, and global-token loss scaling.
+
+Loss normalisation (spec §8): each micro-batch contributes sum(token losses) * G * W / N_global, where G is
+the gradient-accumulation count, W the number of ranks and N_global the token count of the whole optimiser
+step over all micro-batches and ranks. DeepSpeed divides by G when accumulating and averages gradients over
+W, so the update is sum(all token losses) / N_global: independent of how the global batch is split.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pipeline.config import ConfigError, EngineConfig, Optimizer
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def relaunch_if_data_parallel(engine: EngineConfig) -> None:
+    """With num_procs > 1, run this same stage command under torchrun (or DeepSpeed's launcher) and exit."""
+    if engine.num_procs == 1 or "LOCAL_RANK" in os.environ:
+        return
+    if engine.launcher == "torchrun":
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={engine.num_procs}"]
+    else:
+        launcher = ["deepspeed", f"--num_gpus={engine.num_procs}"]
+    completed = subprocess.run([*launcher, *sys.argv])
+    sys.exit(completed.returncode)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def setup(engine: EngineConfig) -> Dist:
+    """Initialise torch.distributed through DeepSpeed: gloo on the CPU, NCCL on GPUs; one process works too."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if engine.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("engine.device: cuda requested but no GPU is visible")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if engine.device == "cpu" else "nccl", verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if engine.device == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def dtype_of(engine: EngineConfig) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[engine.precision]
+
+
+def build_optimizer(model: torch.nn.Module, optimizer: Optimizer) -> torch.optim.AdamW:
+    """AdamW with no weight decay on biases and LayerNorm weights (every 1-D parameter), as spec §2."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": optimizer.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optimizer.lr, betas=optimizer.betas)
+
+
+def build_schedule(torch_optimizer: torch.optim.Optimizer, optimizer: Optimizer, total_steps: int):
+    """Cosine from lr to min_lr over the run (spec §2), or constant after linear warmup (spec §4)."""
+
+    def multiplier(step: int) -> float:
+        if step < optimizer.warmup_steps:
+            return (step + 1) / optimizer.warmup_steps
+        if optimizer.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - optimizer.warmup_steps) / max(1, total_steps - optimizer.warmup_steps))
+        floor = optimizer.min_lr / optimizer.lr
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(torch_optimizer, multiplier)
+
+
+def accumulation_steps(global_batch: int, micro_batch: int, world_size: int, key: str) -> int:
+    if global_batch % (micro_batch * world_size):
+        raise ConfigError(
+            f"{key}.batch_size ({global_batch}) must be a multiple of micro_batch_size ({micro_batch}) "
+            f"x processes ({world_size})"
+        )
+    return global_batch // (micro_batch * world_size)
+
+
+def initialize(model, optimizer: Optimizer, total_steps: int, micro_batch: int, grad_accum: int, engine: EngineConfig):
+    """Wrap the model in a DeepSpeed engine with our AdamW and schedule; ZeRO stage and precision from params."""
+    import deepspeed
+
+    torch_optimizer = build_optimizer(model, optimizer)
+    schedule = build_schedule(torch_optimizer, optimizer, total_steps)
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": optimizer.grad_clip,
+        "zero_optimization": {"stage": engine.zero_stage},
+        "bf16": {"enabled": engine.precision == "bf16"},
+        "fp16": {"enabled": engine.precision == "fp16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        # ZeRO on a client optimizer that is not DeepSpeed's own needs this flag.
+        "zero_allow_untested_optimizer": True,
+    }
+    model_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch_optimizer, lr_scheduler=schedule, config=config)
+    return model_engine
+
+
+def global_sum(value: float, device: torch.device) -> float:
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return float(tensor.item())
+
+
+def scale_for_global_mean(loss_sum: torch.Tensor, global_count: float, model_engine, world_size: int) -> torch.Tensor:
+    """See the module docstring: makes DeepSpeed's mean-over-micro-batches-and-ranks a global token mean."""
+    return loss_sum * (model_engine.gradient_accumulation_steps() * world_size / global_count)
+
+
+def micro_batch_indices(step_indices: np.ndarray, micro_batch: int, grad_accum: int, dist_info: Dist) -> list[np.ndarray]:
+    """This rank's micro-batches of one optimiser step's global batch (rank r takes every W-th slice)."""
+    slices = []
+    for accumulation in range(grad_accum):
+        start = (accumulation * dist_info.world_size + dist_info.rank) * micro_batch
+        slices.append(step_indices[start : start + micro_batch])
+    return slices
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,220 @@
+"""Supervised fine-tuning recipe (spec §2), optionally with a word-level KD term (spec §3).
+
+Used by: teacher SFT, student initialisation ("SFT w/o KD"), KD, and SeqKD (SFT on teacher samples).
+
+    loss = (1 - kd_ratio) * CE(response tokens) + kd_ratio * D(teacher || student)   per response token
+
+with D the teacher cross-entropy for the paper's KD, or any divergence of pipeline.losses. Every step's
+loss is normalised by the global response-token count (pipeline.engine). Validation Rouge-L and loss are
+measured every `eval_every` steps and at the end; the best weights by each are kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline import engine, losses
+from pipeline.config import ConfigError, EngineConfig, SFTStage
+from pipeline.data import TokenizedSplit, sft_batch
+from pipeline.evaluation import evaluate_rouge_l
+
+
+@dataclass
+class KDTerm:
+    teacher: torch.nn.Module
+    ratio: float
+    divergence: str
+    beta: float
+    alpha: float
+
+
+@dataclass
+class SFTResult:
+    best_rouge_state: dict
+    best_loss_state: dict
+    best_rouge_l: float
+    best_loss: float
+    train_curve: list[dict] = field(default_factory=list)
+    valid_curve: list[dict] = field(default_factory=list)
+    response_tokens_trained: int = 0
+    teacher_forward_tokens: int = 0
+
+
+def response_token_loss_sum(model, batch: dict, kd: KDTerm | None) -> tuple[torch.Tensor, int]:
+    """Sum over response tokens of the (KD-mixed) loss, and how many tokens it covers."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    ce_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    if kd is None:
+        return ce_sum, int(mask.sum())
+    with torch.no_grad():
+        teacher_logits = kd.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    kd_sum = losses.divergence(
+        kd.divergence, logits, teacher_logits, mask, beta=kd.beta, alpha=kd.alpha, reduction="sum"
+    )
+    return (1.0 - kd.ratio) * ce_sum + kd.ratio * kd_sum, int(mask.sum())
+
+
+@torch.no_grad()
+def validation_loss(model, split: TokenizedSplit, batch_size: int, pad_token_id: int, device) -> float:
+    """Token-mean CE on the validation responses: the student-init selection criterion of spec §2."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(split), batch_size):
+        indices = np.arange(start, min(start + batch_size, len(split)))
+        batch = {k: v.to(device) for k, v in sft_batch(split, indices, pad_token_id).items()}
+        loss_sum, tokens = response_token_loss_sum(model, batch, kd=None)
+        total += float(loss_sum)
+        count += tokens
+    return total / max(count, 1)
+
+
+def cpu_state(model) -> dict:
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+
+
+def train_sft(
+    *,
+    model: torch.nn.Module,
+    tokenizer,
+    train_split: TokenizedSplit,
+    valid_split: TokenizedSplit,
+    valid_records: list[dict],
+    stage: SFTStage,
+    stage_key: str,
+    engine_config: EngineConfig,
+    dist: engine.Dist,
+    seed: int,
+    log_metrics,
+    kd: KDTerm | None = None,
+) -> SFTResult:
+    world = dist.world_size
+    grad_accum = engine.accumulation_steps(stage.batch_size, stage.micro_batch_size, world, stage_key)
+    steps_per_epoch = len(train_split) // stage.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"{stage_key}.batch_size ({stage.batch_size}) is larger than the training set ({len(train_split)} examples)"
+        )
+    total_steps = stage.epochs * steps_per_epoch
+    model_engine = engine.initialize(model, stage.optimizer, total_steps, stage.micro_batch_size, grad_accum, engine_config)
+    pad = tokenizer.pad_token_id
+    if kd is not None:
+        kd.teacher.eval()
+
+    result = SFTResult(best_rouge_state={}, best_loss_state={}, best_rouge_l=-math.inf, best_loss=math.inf)
+
+    def validate(step: int) -> None:
+        module = model_engine.module
+        loss = validation_loss(module, valid_split, stage.micro_batch_size * 4, pad, dist.device)
+        rouge = evaluate_rouge_l(
+            module, tokenizer, valid_records, seed=seed, max_new_tokens=stage.eval_max_new_tokens, batch_size=64
+        )
+        module.train()
+        if rouge > result.best_rouge_l:
+            result.best_rouge_l, result.best_rouge_state = rouge, cpu_state(module)
+        if loss < result.best_loss:
+            result.best_loss, result.best_loss_state = loss, cpu_state(module)
+        point = {"step": step, "valid_loss": loss, "valid_rouge_l": rouge}
+        result.valid_curve.append(point)
+        log_metrics({"valid/loss": loss, "valid/rouge_l": rouge}, step)
+
+    model_engine.train()
+    step = 0
+    progress = tqdm(total=total_steps, desc=stage_key, disable=not dist.is_main)
+    for epoch in range(stage.epochs):
+        # Same permutation on every rank: ranks then take disjoint slices of each global batch.
+        permutation = np.random.default_rng(seed + epoch).permutation(len(train_split))
+        for epoch_step in range(steps_per_epoch):
+            started = time.perf_counter()
+            step_indices = permutation[epoch_step * stage.batch_size : (epoch_step + 1) * stage.batch_size]
+            micro_batches = [
+                {k: v.to(dist.device) for k, v in sft_batch(train_split, indices, pad).items()}
+                for indices in engine.micro_batch_indices(step_indices, stage.micro_batch_size, grad_accum, dist)
+            ]
+            local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+            global_tokens = engine.global_sum(local_tokens, dist.device)
+            step_loss = 0.0
+            for batch in micro_batches:
+                loss_sum, _ = response_token_loss_sum(model_engine, batch, kd)
+                model_engine.backward(engine.scale_for_global_mean(loss_sum, global_tokens, model_engine, world))
+                model_engine.step()
+                step_loss += float(loss_sum)
+            step += 1
+            step_loss = engine.global_sum(step_loss, dist.device) / global_tokens
+            if not math.isfinite(step_loss):
+                raise RuntimeError(f"{stage_key}: non-finite training loss at step {step} (loss part: total)")
+            elapsed = time.perf_counter() - started
+            point = {
+                "step": step,
+                "train_loss": step_loss,
+                "lr": model_engine.get_lr()[0],
+                "grad_norm": float(model_engine.get_global_grad_norm() or 0.0),
+                "tokens_per_s": global_tokens / elapsed,
+            }
+            result.train_curve.append(point)
+            result.response_tokens_trained += int(global_tokens)
+            if kd is not None:
+                result.teacher_forward_tokens += int(global_tokens)
+            log_metrics({f"train/{k}": v for k, v in point.items() if k != "step"}, step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.3f}")
+            if step % stage.eval_every == 0 or step == total_steps:
+                validate(step)
+    progress.close()
+    return result
+
+
+def summarize(result: SFTResult) -> dict:
+    return {
+        "best_valid_rouge_l": result.best_rouge_l,
+        "best_valid_loss": result.best_loss,
+        "final_train_loss": result.train_curve[-1]["train_loss"],
+        "mean_tokens_per_s": statistics.fmean(p["tokens_per_s"] for p in result.train_curve),
+        "steps": len(result.train_curve),
+    }
+
+
+def copy_with_state(model: torch.nn.Module, state: dict) -> torch.nn.Module:
+    selected = copy.deepcopy(model).cpu()
+    selected.load_state_dict(state)
+    return selected
+
+
+@dataclass
+class SFTInputs:
+    tokenizer: object
+    train_split: TokenizedSplit
+    valid_split: TokenizedSplit
+    valid_records: list[dict]
+
+
+def load_sft_inputs(train_split_path: str = "data/tokenized/train.npz") -> SFTInputs:
+    from pipeline.data import read_jsonl
+    from pipeline.models import load_tokenizer
+
+    return SFTInputs(
+        tokenizer=load_tokenizer("data/tokenizer"),
+        train_split=TokenizedSplit.load(train_split_path),
+        valid_split=TokenizedSplit.load("data/tokenized/valid.npz"),
+        valid_records=read_jsonl("data/instructions/valid.jsonl"),
+    )
+
+
+def write_curves(result: SFTResult, plots_dir: str) -> None:
+    """Training curves as DVC plots (CSV, one file per x-axis granularity)."""
+    import pandas as pd
+
+    from pipeline.io import atomic_write_text
+
+    atomic_write_text(f"{plots_dir}/train.csv", pd.DataFrame(result.train_curve).to_csv(index=False))
+    atomic_write_text(f"{plots_dir}/valid.csv", pd.DataFrame(result.valid_curve).to_csv(index=False))

@@ -1,0 +1,83 @@
+"""DVC stage `pretrain@<role>`: the base model the paper takes off the shelf (GPT-2), for our tiny models.
+
+A `name_or_path` model is already pretrained: the stage only records a pointer to it (skipped).
+An `arch` model is built from scratch and trained as a language model on the PT blocks, every token counted.
+"""
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline import engine
+from pipeline.config import exit_on_user_error, load_params
+from pipeline.io import atomic_write_json
+from pipeline.models import build_gpt2, count_parameters, load_tokenizer, save_checkpoint, save_pointer
+from pipeline.tracking import StageRun
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--role", choices=["teacher", "student"], required=True)
+    role = parser.parse_args().role
+    params = load_params()
+    spec = params.models.teacher if role == "teacher" else params.models.student
+    out_dir, metrics_path = f"models/base/{role}", f"metrics/pretrain/{role}.json"
+    engine.relaunch_if_data_parallel(params.engine)
+    dist = engine.setup(params.engine)
+    engine.seed_everything(params.seed)
+    stage_params = {"seed": params.seed, "model": spec.model_dump(), "pretrain": params.pretrain.model_dump(), "engine": params.engine.model_dump()}
+
+    with StageRun(f"pretrain@{role}", stage_params if dist.is_main else {}, tags={"role": role}, enabled=dist.is_main) as run:
+        if spec.name_or_path:
+            if dist.is_main:
+                save_pointer(spec.name_or_path, out_dir)
+                atomic_write_json(metrics_path, {"skipped": 1, "steps": 0})
+            print(f"pretrain@{role}: pretrained model '{spec.name_or_path}', nothing to train")
+            return
+
+        tokenizer = load_tokenizer("data/tokenizer")
+        blocks = torch.from_numpy(np.load("data/pretrain/blocks.npy").astype(np.int64))
+        model = build_gpt2(spec.arch, len(tokenizer), params.data.max_length, tokenizer.eos_token_id).to(dist.device)
+        config = params.pretrain
+        grad_accum = engine.accumulation_steps(config.batch_size, config.micro_batch_size, dist.world_size, "pretrain")
+        model_engine = engine.initialize(model, config.optimizer, config.steps, config.micro_batch_size, grad_accum, params.engine)
+        model_engine.train()
+        rng = np.random.default_rng(params.seed)
+        losses = []
+        for step in tqdm(range(1, config.steps + 1), desc=f"pretrain@{role}", disable=not dist.is_main):
+            started = time.perf_counter()
+            step_indices = rng.integers(0, len(blocks), size=config.batch_size)
+            micro = engine.micro_batch_indices(step_indices, config.micro_batch_size, grad_accum, dist)
+            global_tokens = config.batch_size * (blocks.shape[1] - 1)  # every token is a target: count is fixed
+            step_loss = 0.0
+            for indices in micro:
+                batch = blocks[indices].to(dist.device)
+                logits = model_engine(input_ids=batch).logits[:, :-1]
+                loss_sum = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+                model_engine.backward(engine.scale_for_global_mean(loss_sum, global_tokens, model_engine, dist.world_size))
+                model_engine.step()
+                step_loss += float(loss_sum)
+            step_loss = engine.global_sum(step_loss, dist.device) / global_tokens
+            losses.append(step_loss)
+            run.log_metrics(
+                {"train/loss": step_loss, "train/lr": model_engine.get_lr()[0],
+                 "train/grad_norm": float(model_engine.get_global_grad_norm() or 0.0),
+                 "train/tokens_per_s": global_tokens / (time.perf_counter() - started)},
+                step,
+            )
+        if dist.is_main:
+            save_checkpoint(model_engine.module, tokenizer, out_dir)
+            metrics = {"skipped": 0, "steps": config.steps, "final_loss": float(np.mean(losses[-20:])),
+                       "parameters": count_parameters(model)}
+            atomic_write_json(metrics_path, metrics)
+            run.log_metrics({"final_loss": metrics["final_loss"], "parameters": metrics["parameters"]})
+            print(f"pretrain@{role}: {metrics['parameters']:,} parameters, final loss {metrics['final_loss']:.3f}")
+    engine.teardown()
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
