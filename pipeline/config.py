@@ -14,6 +14,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.losses import DIVERGENCE_NAMES
+
 
 class ConfigError(Exception):
     """A problem with params or inputs that the user must fix; stages print it as one line, no traceback."""
@@ -137,6 +139,74 @@ class SFTStage(Strict):
     eval_max_new_tokens: int = Field(gt=0)
 
 
+class KDMethod(Strict):
+    """Word-level KD (spec §3): (1 - ratio) CE + ratio D(teacher, student); D is any of pipeline.losses."""
+
+    divergence: str
+    ratio: float = Field(ge=0, le=1)
+    beta: float = Field(ge=0, le=1)  # jsd only
+    alpha: float = Field(ge=0, le=1)  # skew KLs only
+    train: SFTStage
+
+    @model_validator(mode="after")
+    def _known_divergence(self):
+        if self.divergence not in DIVERGENCE_NAMES:
+            raise ValueError(f"divergence '{self.divergence}' is not one of {', '.join(DIVERGENCE_NAMES)}")
+        return self
+
+
+class SeqKDMethod(Strict):
+    """SFT on one teacher sample per training prompt (spec §3); kd_ratio 0.5 is the official scripts' variant."""
+
+    max_new_tokens: int = Field(gt=0)
+    kd_ratio: float = Field(ge=0, le=1)
+    train: SFTStage
+
+
+class MiniLLMMethod(Strict):
+    """Spec §4. Paper defaults unless a comment names the official code's value."""
+
+    steps: int = Field(gt=0)  # optimiser steps
+    rollouts_per_round: int = Field(gt=0)  # paper: 256
+    inner_epochs: int = Field(gt=0)  # paper: 4
+    batch_size: int = Field(gt=0)  # rollouts per optimiser step (paper: 64)
+    micro_batch_size: int = Field(gt=0)
+    max_new_tokens: int = Field(gt=0)
+    teacher_mix: float = Field(ge=0, lt=1)  # alpha of p~ = alpha p + (1 - alpha) q (paper: 0.2)
+    max_importance_weight: float | None = Field(default=None, gt=0)  # w_t <= 1/(1 - alpha) anyway
+    reward_scale: float = Field(gt=0)  # paper: 1; code: 0.5
+    reward_clip: float | None = Field(default=None, gt=0)  # code: 100
+    returns: Literal["paper", "discounted"]  # mean of future rewards, or code's gamma-discounted return
+    gamma: float = Field(ge=0, le=1)  # discounted form only (code: 0.95)
+    length_normalized: bool
+    whiten_advantages: bool
+    clip_eps: float = Field(gt=0)  # 0.2
+    single_step: bool  # the exact per-token reverse KL term
+    pt_coef: float = Field(ge=0)  # 1
+    pt_batch_size: int = Field(gt=0)
+    pt_teacher_kd_ratio: float = Field(ge=0, le=1)  # code: 0.5 teacher KD mixed into the PT term
+    optimizer: Optimizer
+    eval_every: int = Field(gt=0)
+    eval_max_new_tokens: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _whole_rounds(self):
+        if (self.inner_epochs * self.rollouts_per_round) % self.batch_size:
+            raise ValueError(
+                f"inner_epochs x rollouts_per_round ({self.inner_epochs * self.rollouts_per_round}) must be a "
+                f"multiple of batch_size ({self.batch_size})"
+            )
+        if self.rollouts_per_round % self.batch_size:
+            raise ValueError(f"rollouts_per_round ({self.rollouts_per_round}) must be a multiple of batch_size ({self.batch_size})")
+        return self
+
+
+class Distill(Strict):
+    kd: KDMethod
+    seqkd: SeqKDMethod
+    minillm: MiniLLMMethod
+
+
 class EvaluateStage(Strict):
     seeds: list[int] = Field(min_length=1)
     max_new_tokens: int = Field(gt=0)
@@ -152,6 +222,7 @@ class Params(Strict):
     pretrain: PretrainStage
     train_teacher: SFTStage
     init_student: SFTStage
+    distill: Distill
     evaluate: EvaluateStage
 
     @model_validator(mode="after")
@@ -162,6 +233,9 @@ class Params(Strict):
             ("evaluate.max_new_tokens", self.evaluate.max_new_tokens),
             ("train_teacher.eval_max_new_tokens", self.train_teacher.eval_max_new_tokens),
             ("init_student.eval_max_new_tokens", self.init_student.eval_max_new_tokens),
+            ("distill.seqkd.max_new_tokens", self.distill.seqkd.max_new_tokens),
+            ("distill.minillm.max_new_tokens", self.distill.minillm.max_new_tokens),
+            ("distill.minillm.eval_max_new_tokens", self.distill.minillm.eval_max_new_tokens),
         ):
             if new_tokens > room:
                 raise ValueError(f"{key} ({new_tokens}) exceeds data.max_length - data.max_prompt_length ({room})")

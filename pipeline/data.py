@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,7 +199,7 @@ class TokenizedSplit:
         try:
             with np.load(path) as arrays:
                 split = cls(arrays["tokens"], arrays["offsets"], arrays["prompt_lengths"])
-        except (OSError, ValueError, KeyError) as error:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
             raise ConfigError(f"{path}: unreadable tokenized split ({error})") from None
         if split.offsets[-1] != len(split.tokens) or len(split.offsets) != len(split.prompt_lengths) + 1:
             raise ConfigError(f"{path}: corrupted tokenized split (offsets do not match the token count)")

@@ -148,7 +148,7 @@ def train_sft(
                 loss_sum, _ = response_token_loss_sum(model_engine, batch, kd)
                 model_engine.backward(engine.scale_for_global_mean(loss_sum, global_tokens, model_engine, world))
                 model_engine.step()
-                step_loss += float(loss_sum)
+                step_loss += loss_sum.item()
             step += 1
             step_loss = engine.global_sum(step_loss, dist.device) / global_tokens
             if not math.isfinite(step_loss):

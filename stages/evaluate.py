@@ -21,7 +21,8 @@ from pipeline.synthetic import EVAL_SETS
 from pipeline.tracking import StageRun
 
 # The SFT baseline is the checkpoint picked by validation Rouge-L (spec §2).
-CHECKPOINTS = {"teacher": "models/teacher", "sft": "models/sft/best_rouge"}
+CHECKPOINTS = {"teacher": "models/teacher", "sft": "models/sft/best_rouge", "kd": "models/kd/model",
+               "seqkd": "models/seqkd/model", "minillm": "models/minillm/model"}
 
 
 def main() -> None:

@@ -60,7 +60,7 @@ def main() -> None:
                 loss_sum = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
                 model_engine.backward(engine.scale_for_global_mean(loss_sum, global_tokens, model_engine, dist.world_size))
                 model_engine.step()
-                step_loss += float(loss_sum)
+                step_loss += loss_sum.item()
             step_loss = engine.global_sum(step_loss, dist.device) / global_tokens
             losses.append(step_loss)
             run.log_metrics(

@@ -1,0 +1,316 @@
+"""Token-level divergences between the teacher and the student, over the vocabulary.
+
+Notation (MiniLLM paper): at every position t, p = p(. | y_<t, x) = softmax(teacher_logits) is the teacher
+and q = q_theta(. | y_<t, x) = softmax(student_logits) is the student; sums run over the vocabulary v.
+
+    forward_kl             KL(p || q) = sum_v p(v) [log p(v) - log q(v)]                  (mode-covering)
+    reverse_kl             KL(q || p) = sum_v q(v) [log q(v) - log p(v)]                  (MiniLLM's L_single)
+    jsd (beta)             beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q      (GKD)
+                           (its value tends to 0 at beta = 0 and 1; those ends are forward and reverse KL)
+    skew_forward_kl (a)    KL(p || a p + (1 - a) q)                                        (DistiLLM)
+    skew_reverse_kl (a)    KL(q || (1 - a) p + a q)                                        (DistiLLM)
+    tvd                    (1/2) sum_v |p(v) - q(v)|
+    teacher_cross_entropy  -sum_v p(v) log q(v) = KL(p || q) + H(p)                        (word-level KD term)
+
+Every function reduces the per-token values d_t over the masked tokens of a [B, T] batch:
+    reduction="sum":  sum_t mask_t w_t d_t             (the trainer divides by a global token count, spec §8)
+    reduction="mean": that sum / sum_t mask_t          (0 for an empty mask)
+with w_t an optional per-token weight, treated as a constant.
+
+Memory: fp32 [B, T, V] log-probs of two models do not fit for real vocabularies, so the sequence is processed
+in chunks, and each chunk is recomputed during backward (activation checkpointing) instead of saving its fp32
+intermediates; only the input logits are kept for backward.
+"""
+
+import functools
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+# Positions per chunk. With GPT-2's 50,257-token vocabulary and 8 rows, one fp32 [8, 64, V] tensor is ~100 MB,
+# and a chunk holds a handful of them.
+DEFAULT_CHUNK = 64
+
+DIVERGENCE_NAMES: tuple[str, ...] = (
+    "forward_kl",
+    "reverse_kl",
+    "jsd",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "tvd",
+    "teacher_cross_entropy",
+)
+
+# Per-token divergences over the last (vocabulary) dimension, from fp32 log-probs: [..., V] -> [...].
+
+
+def _forward_kl_per_token(log_q: Tensor, log_p: Tensor) -> Tensor:
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _reverse_kl_per_token(log_q: Tensor, log_p: Tensor) -> Tensor:
+    return (log_q.exp() * (log_q - log_p)).sum(-1)
+
+
+def _log_mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+    """log(weight_a * a + (1 - weight_a) * b) via logaddexp: summing tiny probabilities and taking the log
+    would round to log(0) = -inf wherever both are below fp32's range."""
+    if weight_a == 0.0:
+        return log_b
+    if weight_a == 1.0:
+        return log_a
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def _jsd_per_token(log_q: Tensor, log_p: Tensor, beta: float) -> Tensor:
+    log_m = _log_mixture(log_p, log_q, beta)
+    kl_p_m = (log_p.exp() * (log_p - log_m)).sum(-1)
+    kl_q_m = (log_q.exp() * (log_q - log_m)).sum(-1)
+    return beta * kl_p_m + (1.0 - beta) * kl_q_m
+
+
+def _skew_forward_kl_per_token(log_q: Tensor, log_p: Tensor, alpha: float) -> Tensor:
+    log_m = _log_mixture(log_p, log_q, alpha)
+    return (log_p.exp() * (log_p - log_m)).sum(-1)
+
+
+def _skew_reverse_kl_per_token(log_q: Tensor, log_p: Tensor, alpha: float) -> Tensor:
+    log_m = _log_mixture(log_q, log_p, alpha)
+    return (log_q.exp() * (log_q - log_m)).sum(-1)
+
+
+def _tvd_per_token(log_q: Tensor, log_p: Tensor) -> Tensor:
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+
+
+def _teacher_cross_entropy_per_token(log_q: Tensor, log_p: Tensor) -> Tensor:
+    return -(log_p.exp() * log_q).sum(-1)
+
+
+def _chunk_divergence(
+    per_token: Callable[[Tensor, Tensor], Tensor], student_chunk: Tensor, teacher_chunk: Tensor
+) -> Tensor:
+    log_q = F.log_softmax(student_chunk.float(), dim=-1)
+    log_p = F.log_softmax(teacher_chunk.float(), dim=-1)
+    return per_token(log_q, log_p)
+
+
+def _reduce_chunked(
+    per_token: Callable[[Tensor, Tensor], Tensor],
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    weights: Tensor | None,
+    reduction: str,
+    chunk_size: int,
+) -> Tensor:
+    if student_logits.shape != teacher_logits.shape:
+        # Fail instead of broadcasting: a vocabulary-size mismatch means the tokenizers differ (spec §8).
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} != teacher logits {tuple(teacher_logits.shape)}; "
+            "teacher and student must share one tokenizer"
+        )
+    if student_logits.dim() != 3 or mask.shape != student_logits.shape[:2]:
+        raise ValueError(
+            f"expected logits [B, T, V] and mask [B, T], got {tuple(student_logits.shape)} and {tuple(mask.shape)}"
+        )
+    if weights is not None and weights.shape != mask.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} must match mask {tuple(mask.shape)}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    mask = mask.to(torch.float32)
+    # A select, not a product: weights on padding may be inf or NaN (e.g. importance weights of padding tokens).
+    token_weights = mask if weights is None else torch.where(mask > 0, weights.detach().to(torch.float32), 0.0)
+    use_checkpoint = torch.is_grad_enabled() and (student_logits.requires_grad or teacher_logits.requires_grad)
+
+    batch_size, seq_len = mask.shape
+    num_chunks = max(1, math.ceil(seq_len / chunk_size))
+    # Right-padded batches often end in all-padding chunks; skipping them saves the softmax work, and their
+    # gradient is zero anyway. One host sync (.tolist()) decides for all chunks. The first chunk is always computed
+    # so that the result stays a function of the logits (backward() works) even when the whole mask is empty.
+    padded_mask = F.pad(mask, (0, num_chunks * chunk_size - seq_len))
+    chunk_has_tokens = padded_mask.view(batch_size, num_chunks, chunk_size).amax(dim=(0, 2)).gt(0).tolist()
+    chunk_has_tokens[0] = True
+
+    total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+    for chunk_index, has_tokens in enumerate(chunk_has_tokens):
+        if not has_tokens:
+            continue
+        start, end = chunk_index * chunk_size, (chunk_index + 1) * chunk_size
+        student_chunk = student_logits[:, start:end]
+        teacher_chunk = teacher_logits[:, start:end]
+        if use_checkpoint:
+            values = checkpoint(_chunk_divergence, per_token, student_chunk, teacher_chunk, use_reentrant=False)
+        else:
+            values = _chunk_divergence(per_token, student_chunk, teacher_chunk)
+        total = total + (values * token_weights[:, start:end]).sum()
+
+    if reduction == "sum":
+        return total
+    return total / mask.sum().clamp(min=1.0)
+
+
+def forward_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    *,
+    weights: Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Tensor:
+    """KL(p || q)."""
+    return _reduce_chunked(_forward_kl_per_token, student_logits, teacher_logits, mask, weights, reduction, chunk_size)
+
+
+def reverse_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    *,
+    weights: Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Tensor:
+    """KL(q || p): MiniLLM's single-step term when called with weights=w_t and a detached teacher."""
+    return _reduce_chunked(_reverse_kl_per_token, student_logits, teacher_logits, mask, weights, reduction, chunk_size)
+
+
+def jsd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    beta: float,
+    *,
+    weights: Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Tensor:
+    """Generalised JSD(beta) of GKD. Its value tends to 0 at both ends (m becomes q or p), so, as in TRL,
+    beta=0 and beta=1 are defined as the divergences the two ends stand for: forward and reverse KL."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
+    if beta == 0.0:
+        per_token = _forward_kl_per_token
+    elif beta == 1.0:
+        per_token = _reverse_kl_per_token
+    else:
+        per_token = functools.partial(_jsd_per_token, beta=beta)
+    return _reduce_chunked(per_token, student_logits, teacher_logits, mask, weights, reduction, chunk_size)
+
+
+def skew_forward_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    alpha: float,
+    *,
+    weights: Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Tensor:
+    """KL(p || alpha p + (1 - alpha) q). DistiLLM's code returns the cross-entropy -sum p log m instead; the two
+    differ by the constant H(p), so gradients are the same, and this one is 0 when q = p."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"skew alpha must be in [0, 1], got {alpha}")
+    per_token = functools.partial(_skew_forward_kl_per_token, alpha=alpha)
+    return _reduce_chunked(per_token, student_logits, teacher_logits, mask, weights, reduction, chunk_size)
+
+
+def skew_reverse_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    alpha: float,
+    *,
+    weights: Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Tensor:
+    """KL(q || (1 - alpha) p + alpha q)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"skew alpha must be in [0, 1], got {alpha}")
+    per_token = functools.partial(_skew_reverse_kl_per_token, alpha=alpha)
+    return _reduce_chunked(per_token, student_logits, teacher_logits, mask, weights, reduction, chunk_size)
+
+
+def tvd(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    *,
+    weights: Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Tensor:
+    """Total variation distance (1/2) sum_v |p - q|."""
+    return _reduce_chunked(_tvd_per_token, student_logits, teacher_logits, mask, weights, reduction, chunk_size)
+
+
+def teacher_cross_entropy(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    *,
+    weights: Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Tensor:
+    """-sum_v p log q, the paper's word-level KD term; forward KL plus the teacher entropy, which has no gradient
+    with respect to the student but makes the logged value differ from forward_kl."""
+    return _reduce_chunked(
+        _teacher_cross_entropy_per_token, student_logits, teacher_logits, mask, weights, reduction, chunk_size
+    )
+
+
+def divergence(
+    name: str,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    *,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    weights: Tensor | None = None,
+    reduction: str = "mean",
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Tensor:
+    """The divergence named by the `kd` method's `distill.kd.divergence` config value; beta is used by "jsd" only
+    and alpha by the two skew divergences only."""
+    match name:
+        case "forward_kl":
+            return forward_kl(
+                student_logits, teacher_logits, mask, weights=weights, reduction=reduction, chunk_size=chunk_size
+            )
+        case "reverse_kl":
+            return reverse_kl(
+                student_logits, teacher_logits, mask, weights=weights, reduction=reduction, chunk_size=chunk_size
+            )
+        case "jsd":
+            return jsd(
+                student_logits, teacher_logits, mask, beta, weights=weights, reduction=reduction, chunk_size=chunk_size
+            )
+        case "skew_forward_kl":
+            return skew_forward_kl(
+                student_logits, teacher_logits, mask, alpha, weights=weights, reduction=reduction, chunk_size=chunk_size
+            )
+        case "skew_reverse_kl":
+            return skew_reverse_kl(
+                student_logits, teacher_logits, mask, alpha, weights=weights, reduction=reduction, chunk_size=chunk_size
+            )
+        case "tvd":
+            return tvd(
+                student_logits, teacher_logits, mask, weights=weights, reduction=reduction, chunk_size=chunk_size
+            )
+        case "teacher_cross_entropy":
+            return teacher_cross_entropy(
+                student_logits, teacher_logits, mask, weights=weights, reduction=reduction, chunk_size=chunk_size
+            )
+    raise ValueError(f"unknown divergence {name!r}; valid names: {', '.join(DIVERGENCE_NAMES)}")

@@ -1,0 +1,95 @@
+"""DVC stage `distill@<method>`: KD and SeqKD (spec §3) and MiniLLM (spec §4), one student checkpoint each.
+
+    kd       from the student base, on gold responses, loss (1 - r) CE + r D(teacher, student)
+    seqkd    from the student base, on the teacher's samples (teacher_generate), optional KD term
+    minillm  from the student init picked by validation loss, policy-gradient reverse KL
+Every method keeps the checkpoint with the best validation Rouge-L.
+"""
+
+import argparse
+import contextlib
+
+import numpy as np
+import torch
+
+from pipeline import engine
+from pipeline.config import exit_on_user_error, load_params
+from pipeline.data import TokenizedSplit
+from pipeline.io import atomic_directory, atomic_write_json
+from pipeline.minillm import train_minillm
+from pipeline.models import load_model, save_checkpoint
+from pipeline.sft import KDTerm, copy_with_state, load_sft_inputs, summarize, train_sft, write_curves
+from pipeline.tracking import StageRun
+
+START_CHECKPOINT = {"kd": "models/base/student", "seqkd": "models/base/student", "minillm": "models/sft/best_loss"}
+
+
+def run_kd_or_seqkd(method, params, dist, run, teacher, student):
+    config = params.distill.kd if method == "kd" else params.distill.seqkd
+    inputs = load_sft_inputs("data/tokenized/train.npz" if method == "kd" else "teacher_data/train.npz")
+    kd_ratio = config.ratio if method == "kd" else config.kd_ratio
+    divergence = config.divergence if method == "kd" else "teacher_cross_entropy"
+    kd = KDTerm(teacher=teacher, ratio=kd_ratio, divergence=divergence,
+                beta=params.distill.kd.beta, alpha=params.distill.kd.alpha) if kd_ratio > 0 else None
+    result = train_sft(
+        model=student, tokenizer=inputs.tokenizer, train_split=inputs.train_split, valid_split=inputs.valid_split,
+        valid_records=inputs.valid_records, stage=config.train, stage_key=f"distill.{method}.train",
+        engine_config=params.engine, dist=dist, seed=params.seed, log_metrics=run.log_metrics, kd=kd,
+    )
+    summary = summarize(result) | {"response_tokens_trained": result.response_tokens_trained,
+                                   "teacher_forward_tokens": result.teacher_forward_tokens}
+    return copy_with_state(student, result.best_rouge_state), inputs.tokenizer, result, summary
+
+
+def run_minillm(params, dist, run, teacher, student, rollout_dir):
+    config = params.distill.minillm
+    inputs = load_sft_inputs()
+    train_prompts = [inputs.train_split.example(i)[0][: inputs.train_split.example(i)[1]] for i in range(len(inputs.train_split))]
+    pt_blocks = torch.from_numpy(np.load("data/pretrain/blocks.npy").astype(np.int64))
+    result = train_minillm(
+        student=student, teacher=teacher, tokenizer=inputs.tokenizer, train_prompts=train_prompts,
+        pt_blocks=pt_blocks, valid_records=inputs.valid_records, config=config, engine_config=params.engine,
+        dist=dist, seed=params.seed, log_metrics=run.log_metrics, rollout_dir=rollout_dir,
+    )
+    summary = {"best_valid_rouge_l": result.best_rouge_l, "steps": len(result.train_curve),
+               "generated_tokens": result.generated_tokens, "teacher_forward_tokens": result.teacher_forward_tokens,
+               "final_reward_mean": result.train_curve[-1]["rollout_reward_mean"]}
+    return copy_with_state(student, result.best_state), inputs.tokenizer, result, summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--method", choices=sorted(START_CHECKPOINT), required=True)
+    method = parser.parse_args().method
+    params = load_params()
+    engine.relaunch_if_data_parallel(params.engine)
+    dist = engine.setup(params.engine)
+    engine.seed_everything(params.seed)
+    stage_params = {"seed": params.seed, f"distill.{method}": params.distill.model_dump()[method],
+                    "engine": params.engine.model_dump()}
+    tags = {"method": method, "student": params.models.student.label}
+    with StageRun(f"distill@{method}", stage_params, tags=tags, enabled=dist.is_main) as run:
+        dtype = engine.dtype_of(params.engine)
+        teacher = load_model("models/teacher", dtype).to(dist.device).requires_grad_(False)
+        student = load_model(START_CHECKPOINT[method], dtype).to(dist.device)
+        # models/<method>/ holds model/ and, for MiniLLM, rollouts/; only the main rank writes, and the
+        # directory appears whole only when training succeeded.
+        with atomic_directory(f"models/{method}") if dist.is_main else contextlib.nullcontext() as out:
+            if method == "minillm":
+                rollout_dir = out / "rollouts" if dist.is_main else None
+                if rollout_dir is not None:
+                    rollout_dir.mkdir()
+                best, tokenizer, result, summary = run_minillm(params, dist, run, teacher, student, rollout_dir)
+            else:
+                best, tokenizer, result, summary = run_kd_or_seqkd(method, params, dist, run, teacher, student)
+            if dist.is_main:
+                save_checkpoint(best, tokenizer, out / "model")
+        if dist.is_main:
+            write_curves(result, f"plots/distill/{method}")
+            atomic_write_json(f"metrics/distill/{method}.json", summary)
+            print(f"distill@{method}: best validation Rouge-L {summary['best_valid_rouge_l']:.2f}")
+    engine.teardown()
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
