@@ -35,14 +35,18 @@ class Dist:
 
 
 def relaunch_if_data_parallel(engine: EngineConfig) -> None:
-    """With num_procs > 1, run this same stage command under torchrun (or DeepSpeed's launcher) and exit."""
+    """With num_procs > 1, run this same stage under torchrun (or DeepSpeed's launcher) and exit with its status.
+
+    Stages run as `python -m stages.<name>`, so the launcher runs the module, not the file, to keep imports working.
+    """
     if engine.num_procs == 1 or "LOCAL_RANK" in os.environ:
         return
+    module = sys.modules["__main__"].__spec__.name
     if engine.launcher == "torchrun":
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={engine.num_procs}"]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={engine.num_procs}", "-m"]
     else:
-        launcher = ["deepspeed", f"--num_gpus={engine.num_procs}"]
-    completed = subprocess.run([*launcher, *sys.argv])
+        launcher = ["deepspeed", f"--num_gpus={engine.num_procs}", "--module"]
+    completed = subprocess.run([*launcher, module, *sys.argv[1:]])
     sys.exit(completed.returncode)
 
 
@@ -134,6 +138,19 @@ def initialize(model, optimizer: Optimizer, total_steps: int, micro_batch: int, 
     }
     model_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch_optimizer, lr_scheduler=schedule, config=config)
     return model_engine
+
+
+def grad_norm_before_step(model_engine) -> float | None:
+    """The pre-clipping gradient norm. DeepSpeed reports it (after the step) only under ZeRO >= 1, so at stage 0
+    it is read off the gradients: call this after the optimiser step's last backward, before `step()`."""
+    if model_engine.zero_optimization_stage() > 0:
+        return None
+    norms = [p.grad.detach().float().norm() for p in model_engine.module.parameters() if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def grad_norm_after_step(model_engine, before: float | None) -> float:
+    return before if before is not None else float(model_engine.get_global_grad_norm() or 0.0)
 
 
 def global_sum(value: float, device: torch.device) -> float:

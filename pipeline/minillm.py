@@ -105,6 +105,26 @@ def response_logits(model, rollout: Rollout, indices) -> torch.Tensor:
     return logits[:, prompt_width - 1 : prompt_width - 1 + response_ids.shape[1]]
 
 
+def surrogate_sums(student, teacher, buffer: RolloutBuffer, rows: torch.Tensor, config: MiniLLMMethod) -> dict[str, torch.Tensor]:
+    """L_single and L_long summed over the response tokens of `rows` (plus the clip count and the entropy sum)."""
+    rollout, mask = buffer.rollout, buffer.rollout.response_mask[rows]
+    student_logits = response_logits(student, rollout, rows)
+    with torch.no_grad():
+        teacher_logits = response_logits(teacher, rollout, rows)
+    log_q = torch.log_softmax(student_logits.float(), dim=-1)
+    logp_new = log_q.gather(-1, rollout.response_ids[rows].unsqueeze(-1)).squeeze(-1)
+    long_sum, clipped = policy_loss(
+        logp_new, rollout.student_logprobs[rows], buffer.advantages[rows], buffer.weights[rows], mask, config.clip_eps
+    )
+    if config.single_step:
+        single_sum = losses.reverse_kl(student_logits, teacher_logits, mask, weights=buffer.weights[rows], reduction="sum")
+    else:
+        single_sum = long_sum.new_zeros(())
+    with torch.no_grad():
+        entropy_sum = (-(log_q.exp() * log_q).sum(-1) * mask).sum()
+    return {"single": single_sum, "long": long_sum, "clipped": clipped.float(), "entropy": entropy_sum}
+
+
 def pt_loss_sum(model, teacher, blocks: torch.Tensor, kd_ratio: float) -> torch.Tensor:
     """LM loss on every token of a pre-training batch; the official code mixes in teacher KD (kd_ratio 0.5)."""
     logits = model(input_ids=blocks).logits[:, :-1]
@@ -121,7 +141,6 @@ def pt_loss_sum(model, teacher, blocks: torch.Tensor, kd_ratio: float) -> torch.
 @torch.no_grad()
 def validate(student, teacher, tokenizer, valid_records, config: MiniLLMMethod, seed: int, device) -> dict[str, float]:
     """Rouge-L of pure-student samples, and their sequence-level reverse KL estimate sum_t log q - log p."""
-    student.eval()
     encoded = [tokenizer.encode(build_prompt(r["instruction"], r["context"]), add_special_tokens=False) for r in valid_records]
     generator = torch.Generator(device=device).manual_seed(seed)
     responses, kl_per_sequence = [], []
@@ -134,7 +153,6 @@ def validate(student, teacher, tokenizer, valid_records, config: MiniLLMMethod, 
         )
         responses += decode_responses(tokenizer, rollout)
         kl_per_sequence += ((rollout.student_logprobs - rollout.teacher_logprobs) * rollout.response_mask).sum(1).tolist()
-    student.train()
     return {
         "valid/rouge_l": statistics.fmean(score_records(valid_records, responses)),
         "valid/reverse_kl_sequence": statistics.fmean(kl_per_sequence),
@@ -163,6 +181,8 @@ def train_minillm(
     pt_rows_per_micro = max(1, config.pt_batch_size // (grad_accum * world))
     model_engine = engine.initialize(student, config.optimizer, config.steps, config.micro_batch_size, grad_accum, engine_config)
     teacher.eval()
+    # Dropout stays off throughout: the PPO ratio q_theta / q_old must be exactly 1 before the first update.
+    student.eval()
     # One stream per purpose, same on every rank where ranks must agree (prompt choice, PT batches).
     rng = np.random.default_rng(seed)
     rollout_generator = torch.Generator(device=device).manual_seed(seed * 1000 + dist.rank)
@@ -183,13 +203,11 @@ def train_minillm(
         prompt_ids, prompt_mask = left_pad([train_prompts[i] for i in local], tokenizer.pad_token_id)
         generator_state = rollout_generator.get_state()
         checkpoint_hash = state_hash(student)
-        student.eval()
         rollout = sample(
             student, prompt_ids.to(device), prompt_mask.to(device), max_new_tokens=config.max_new_tokens,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=rollout_generator,
             teacher=teacher, teacher_mix=config.teacher_mix,
         )
-        student.train()
         # 2. Importance weights, rewards and detached advantages: constants of this round's updates.
         buffer = make_buffer(rollout, config)
         generated = int(engine.global_sum(float(rollout.response_mask.sum()), device))
@@ -218,33 +236,17 @@ def train_minillm(
                 pt_rows = rng.integers(0, len(pt_blocks), size=(world, grad_accum, pt_rows_per_micro))[dist.rank]
                 pt_tokens = float(world * pt_rows.size * (pt_blocks.shape[1] - 1))
                 parts = {"single": 0.0, "long": 0.0, "pt": 0.0, "clipped": 0.0, "entropy": 0.0}
-                for rows, pt_indices in zip(micro, pt_rows):
-                    rows = torch.from_numpy(rows)
-                    mask = buffer.rollout.response_mask[rows]
-                    student_logits = response_logits(model_engine, buffer.rollout, rows)
-                    with torch.no_grad():
-                        teacher_logits = response_logits(teacher, buffer.rollout, rows)
-                    log_q = torch.log_softmax(student_logits.float(), dim=-1)
-                    logp_new = log_q.gather(-1, buffer.rollout.response_ids[rows].unsqueeze(-1)).squeeze(-1)
-                    long_sum, clipped = policy_loss(
-                        logp_new, buffer.rollout.student_logprobs[rows], buffer.advantages[rows],
-                        buffer.weights[rows], mask, config.clip_eps,
-                    )
-                    single_sum = (
-                        losses.reverse_kl(student_logits, teacher_logits, mask, weights=buffer.weights[rows], reduction="sum")
-                        if config.single_step else long_sum.new_zeros(())
-                    )
+                for index, (rows, pt_indices) in enumerate(zip(micro, pt_rows)):
+                    sums = surrogate_sums(model_engine, teacher, buffer, torch.from_numpy(rows), config)
                     pt_sum = pt_loss_sum(model_engine, teacher, pt_blocks[pt_indices].to(device), config.pt_teacher_kd_ratio)
-                    loss = (single_sum + long_sum) / response_tokens + config.pt_coef * pt_sum / pt_tokens
+                    loss = (sums["single"] + sums["long"]) / response_tokens + config.pt_coef * pt_sum / pt_tokens
                     model_engine.backward(loss * (model_engine.gradient_accumulation_steps() * world))
+                    if index == len(micro) - 1:
+                        norm = engine.grad_norm_before_step(model_engine)
                     model_engine.step()
-                    with torch.no_grad():
-                        entropy = -(log_q.exp() * log_q).sum(-1)
-                    parts["single"] += single_sum.item()
-                    parts["long"] += long_sum.item()
+                    for part in ("single", "long", "clipped", "entropy"):
+                        parts[part] += sums[part].item()
                     parts["pt"] += pt_sum.item()
-                    parts["clipped"] += float(clipped)
-                    parts["entropy"] += float((entropy * mask).sum())
                 step += 1
                 result.teacher_forward_tokens += int(response_tokens)
                 totals = {k: engine.global_sum(v, device) for k, v in parts.items()}
@@ -255,7 +257,7 @@ def train_minillm(
                     "train/clip_fraction": totals["clipped"] / response_tokens,
                     "train/entropy": totals["entropy"] / response_tokens,
                     "train/lr": model_engine.get_lr()[0],
-                    "train/grad_norm": float(model_engine.get_global_grad_norm() or 0.0),
+                    "train/grad_norm": engine.grad_norm_after_step(model_engine, norm),
                     "train/tokens_per_s": (response_tokens + pt_tokens) / (time.perf_counter() - started),
                     "rollout/tokens_per_s": generated / rollout_seconds,
                     **diagnostics,

@@ -144,9 +144,11 @@ def train_sft(
             local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
             global_tokens = engine.global_sum(local_tokens, dist.device)
             step_loss = 0.0
-            for batch in micro_batches:
+            for index, batch in enumerate(micro_batches):
                 loss_sum, _ = response_token_loss_sum(model_engine, batch, kd)
                 model_engine.backward(engine.scale_for_global_mean(loss_sum, global_tokens, model_engine, world))
+                if index == len(micro_batches) - 1:
+                    norm = engine.grad_norm_before_step(model_engine)
                 model_engine.step()
                 step_loss += loss_sum.item()
             step += 1
@@ -158,7 +160,7 @@ def train_sft(
                 "step": step,
                 "train_loss": step_loss,
                 "lr": model_engine.get_lr()[0],
-                "grad_norm": float(model_engine.get_global_grad_norm() or 0.0),
+                "grad_norm": engine.grad_norm_after_step(model_engine, norm),
                 "tokens_per_s": global_tokens / elapsed,
             }
             result.train_curve.append(point)

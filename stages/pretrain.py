@@ -54,18 +54,20 @@ def main() -> None:
             micro = engine.micro_batch_indices(step_indices, config.micro_batch_size, grad_accum, dist)
             global_tokens = config.batch_size * (blocks.shape[1] - 1)  # every token is a target: count is fixed
             step_loss = 0.0
-            for indices in micro:
+            for index, indices in enumerate(micro):
                 batch = blocks[indices].to(dist.device)
                 logits = model_engine(input_ids=batch).logits[:, :-1]
                 loss_sum = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
                 model_engine.backward(engine.scale_for_global_mean(loss_sum, global_tokens, model_engine, dist.world_size))
+                if index == len(micro) - 1:
+                    norm = engine.grad_norm_before_step(model_engine)
                 model_engine.step()
                 step_loss += loss_sum.item()
             step_loss = engine.global_sum(step_loss, dist.device) / global_tokens
             losses.append(step_loss)
             run.log_metrics(
                 {"train/loss": step_loss, "train/lr": model_engine.get_lr()[0],
-                 "train/grad_norm": float(model_engine.get_global_grad_norm() or 0.0),
+                 "train/grad_norm": engine.grad_norm_after_step(model_engine, norm),
                  "train/tokens_per_s": global_tokens / (time.perf_counter() - started)},
                 step,
             )

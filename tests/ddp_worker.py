@@ -1,13 +1,13 @@
 """Train a tiny GPT-2 for a few steps through pipeline.engine, the way the recipes do; shared by tests/test_engine.py.
 
-As a script it is launched by torchrun with 1 or 2 processes:
+As a script it is launched by torchrun with 1 or 2 processes (PYTHONPATH at the repository root):
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py --micro-batch 2 --out x.pt
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py \
+        --micro-batch 2 --zero-stages 0 2 --grad-clips 1000 0.1 --out results.pt
 
-and rank 0 saves, per ZeRO stage, the final parameters and AdamW's first moment. The first moment is saved
-because Adam's update is almost invariant to the scale of the gradient, so a loss normalised by the wrong
-count can still reach the right parameters; the moment is linear in the gradient and shows the error.
-"""
+and rank 0 saves, per (ZeRO stage, grad_clip), the final parameters and AdamW's first moment. The first moment
+is saved because Adam's update is almost invariant to the scale of the gradient, so a loss normalised by the
+wrong count can still reach nearly the right parameters; the moment is linear in the gradient and shows it."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 import torch
+from deepspeed import DeepSpeedEngine
 from deepspeed.utils import safe_get_full_optimizer_state
 
 from pipeline import engine
@@ -29,8 +30,8 @@ PAD_TOKEN_ID = 0
 GLOBAL_BATCH = 8
 STEPS = 3
 MODEL_SEED = 1234
-# Response lengths differ by up to 40x within every pair of neighbours, so a mean per micro-batch or per
-# rank weighs tokens differently from the global mean.
+# Neighbouring examples' response lengths differ up to 40x, so a token mean per micro-batch or per rank
+# weighs tokens differently from the global token mean.
 RESPONSE_LENGTHS = [1, 40, 3, 25, 30, 2, 12, 1, 35, 4, 1, 20, 6, 33, 2, 9, 28, 1, 3, 38, 15, 2, 1, 24]
 PROMPT_LENGTHS = [5, 2, 9, 3, 1, 12, 4, 7, 2, 6, 10, 3, 8, 1, 5, 11, 2, 6, 3, 1, 7, 4, 9, 2]
 
@@ -69,7 +70,7 @@ def train(
     engine_config: EngineConfig,
     dist_info: engine.Dist,
     per_micro_batch_mean: bool = False,
-):
+) -> DeepSpeedEngine:
     """STEPS optimiser steps of the SFT recipe's loop; per_micro_batch_mean swaps in the naive normalisation."""
     split = tiny_split()
     grad_accum = engine.accumulation_steps(GLOBAL_BATCH, micro_batch, dist_info.world_size, "test")
@@ -85,14 +86,15 @@ def train(
         for batch in micro_batches:
             loss_sum, tokens = response_token_loss_sum(model_engine, batch, kd=None)
             if per_micro_batch_mean:
-                model_engine.backward(loss_sum / tokens)
+                loss = loss_sum / tokens
             else:
-                model_engine.backward(engine.scale_for_global_mean(loss_sum, global_tokens, model_engine, dist_info.world_size))
+                loss = engine.scale_for_global_mean(loss_sum, global_tokens, model_engine, dist_info.world_size)
+            model_engine.backward(loss)
             model_engine.step()
     return model_engine
 
 
-def first_moments(model_engine) -> dict[str, torch.Tensor]:
+def first_moments(model_engine: DeepSpeedEngine) -> dict[str, torch.Tensor]:
     """AdamW's exp_avg per parameter name; under ZeRO 1/2 it is partitioned, and gathering it is collective."""
     if model_engine.zero_optimization_stage() > 0:
         # DeepSpeed links the optimizer state of every parameter group right after stepping the first group,
@@ -118,8 +120,9 @@ def main() -> None:
 
     results = {}
     for zero_stage in args.zero_stages:
+        world_size = int(os.environ["WORLD_SIZE"])  # set by torchrun
         config = EngineConfig(
-            num_procs=int(os.environ["WORLD_SIZE"]), launcher="torchrun", device="cpu", precision="fp32", zero_stage=zero_stage
+            num_procs=world_size, launcher="torchrun", device="cpu", precision="fp32", zero_stage=zero_stage
         )
         dist_info = engine.setup(config)
         for grad_clip in args.grad_clips:

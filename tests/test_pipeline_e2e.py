@@ -1,0 +1,127 @@
+"""End to end: `dvc repro` of the micro config in a temporary copy of the repo, MLflow in a temporary store.
+
+One pipeline run (module fixture) is shared by the checks: every stage ran, the report has every method,
+the MLflow store holds one parent run with a finished child per stage, a second `dvc repro` does nothing,
+an evaluation-only param change retrains nothing, and a typo in params.yaml stops `dvc repro` with one line.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = {"teacher", "sft", "kd", "seqkd", "minillm"}
+STAGES = {
+    "check_params", "build_data", "pretrain@teacher", "pretrain@student", "train_teacher", "init_student",
+    "teacher_generate", "distill@kd", "distill@seqkd", "distill@minillm", "report",
+} | {f"evaluate@{m}" for m in METHODS}
+
+pytestmark = pytest.mark.slow
+
+
+def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    completed = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and completed.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
+    return completed
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()
+    # Sources only: outputs of a local run (metrics, plots, reports, dvc.lock) must not leak into the copy.
+    outputs = ("metrics/", "plots/", "eval/", "reports/", "checks/", "dvc.lock")
+    for name in files:
+        if (REPO / name).is_file() and not name.startswith(outputs):
+            (workdir / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, workdir / name)
+    shutil.copy(REPO / "tests" / "micro_params.yaml", workdir / "params.yaml")
+    (workdir / "reports").mkdir(exist_ok=True)
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow-test.db'}",
+        "OMP_NUM_THREADS": "2",
+    }
+    env.pop("DVC_ROOT", None)
+    run(["git", "init", "-q"], workdir, env)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], workdir, env)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "snapshot"], workdir, env)
+    first = run(["dvc", "repro"], workdir, env)
+    return workdir, env, first
+
+
+def test_every_stage_ran_and_the_report_has_every_method(pipeline):
+    workdir, _, first = pipeline
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in first.stdout, stage
+    results = pd.read_csv(workdir / "reports" / "results.csv")
+    assert list(results.columns) == ["method", "student", "eval_set", "seed", "rouge_l"]
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    assert set(results["method"]) == METHODS
+    assert set(results["eval_set"]) == {"dollyeval", "selfinst", "vicunaeval", "sni", "unni"}
+    assert len(results) == len(METHODS) * 5 * len(params["evaluate"]["seeds"])
+    assert results["rouge_l"].between(0, 100).all()
+    table = (workdir / "reports" / "table1.md").read_text()
+    for name in ("Teacher", "SFT w/o KD", "KD", "SeqKD", "MiniLLM", "DollyEval", "±"):
+        assert name in table
+    metrics = json.loads((workdir / "metrics" / "eval" / "minillm.json").read_text())
+    assert set(metrics["sets"]["dollyeval"]["per_seed"]) == {str(s) for s in params["evaluate"]["seeds"]}
+    rollouts = sorted((workdir / "models" / "minillm" / "rollouts").glob("round_*.pt"))
+    assert rollouts, "MiniLLM rollout buffers are saved"
+
+
+def test_seqkd_trains_on_teacher_samples_not_gold(pipeline):
+    workdir, _, _ = pipeline
+    records = [json.loads(line) for line in (workdir / "teacher_data" / "train.jsonl").read_text().splitlines()]
+    assert records and all(r["response"] == r["references"][0] for r in records)
+    assert sum(r["response"] != r["gold_response"] for r in records) > len(records) // 2
+
+
+def test_mlflow_holds_one_parent_with_a_finished_child_per_stage(pipeline):
+    from mlflow import MlflowClient
+
+    workdir, env, _ = pipeline
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("minillm-distillation")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("pipeline.parent") == "true"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert {r.data.tags["dvc.stage"] for r in children} == STAGES
+    assert all(r.info.status == "FINISHED" for r in children)
+    teacher_run = next(r for r in children if r.data.tags["dvc.stage"] == "train_teacher")
+    assert client.get_metric_history(teacher_run.info.run_id, "train/loss")
+    assert "train_teacher.optimizer.lr" in teacher_run.data.params
+
+
+def test_second_repro_does_nothing_and_eval_param_retrains_nothing(pipeline):
+    workdir, env, _ = pipeline
+    again = run(["dvc", "repro"], workdir, env)
+    assert "Running stage" not in again.stdout
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["evaluate"]["seeds"] = [10]
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    dry = run(["dvc", "repro", "--dry"], workdir, env)
+    ran = {line.split("'")[1] for line in dry.stdout.splitlines() if line.startswith("Running stage")}
+    assert ran == {"check_params", "report"} | {f"evaluate@{m}" for m in METHODS}
+
+
+def test_typo_in_params_stops_repro_with_one_line(pipeline):
+    workdir, env, _ = pipeline
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["distill"]["minillm"]["teacher_mixx"] = 0.3
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    failed = run(["dvc", "repro"], workdir, env, check=False)
+    assert failed.returncode != 0
+    assert "error: params.yaml: distill.minillm.teacher_mixx: unknown key" in failed.stdout + failed.stderr
+    assert "Traceback" not in failed.stdout + failed.stderr
