@@ -102,7 +102,8 @@ class EngineConfig(Strict):
     launcher: Literal["torchrun", "deepspeed"]
     device: Literal["cpu", "cuda"]
     precision: Literal["fp32", "bf16", "fp16"]
-    zero_stage: int = Field(ge=0, le=3)
+    # ZeRO-3 partitions the parameters themselves; checkpoint saving here reads whole state dicts, so 0-2 only.
+    zero_stage: int = Field(ge=0, le=2)
 
     @model_validator(mode="after")
     def _cpu_is_fp32(self):

@@ -1,4 +1,4 @@
-"""DVC stage `report`: every evaluation in one table laid out like the paper's Table 1.
+"""DVC stage `report`: every evaluation in one table laid out like the paper's Table 1, plus two plots.
 
 reports/results.csv is the long format (method, student, eval_set, seed, rouge_l), one row per model,
 evaluation set and seed; reports/table1.md is built from it with pandas: rows are the teacher, then each
@@ -8,7 +8,11 @@ method per student size; columns the evaluation sets; cells mean ± std over see
 import json
 from pathlib import Path
 
-import pandas as pd
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from pipeline.config import exit_on_user_error, load_params
 from pipeline.io import atomic_write_text
@@ -43,6 +47,51 @@ def table1(results: pd.DataFrame) -> pd.DataFrame:
     return table.rename(columns={"student": "Model", "method": "Method"})
 
 
+def plot_rouge_bars(results: pd.DataFrame, path: str) -> None:
+    """Rouge-L per evaluation set, one bar per method and student, error bars = std over seeds."""
+    summary = results.groupby(["method", "student", "eval_set"])["rouge_l"].agg(["mean", "std"]).reset_index()
+    summary["model"] = summary["method"].map(METHOD_NAMES) + " (" + summary["student"] + ")"
+    summary["order"] = summary["method"].map(METHOD_ORDER.index)
+    models = summary.sort_values(["order", "student"])["model"].unique()
+    sets = [s for s in EVAL_SETS if s in set(summary["eval_set"])]
+    figure, axis = plt.subplots(figsize=(10, 4))
+    width = 0.8 / len(models)
+    for index, model in enumerate(models):
+        rows = summary[summary["model"] == model].set_index("eval_set").reindex(sets)
+        positions = [i + index * width for i in range(len(sets))]
+        axis.bar(positions, rows["mean"], width, yerr=rows["std"].fillna(0), label=model, capsize=2)
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(sets))], [SET_NAMES.get(s, s) for s in sets])
+    axis.set_ylabel("Rouge-L (×100)")
+    axis.legend(fontsize=8, ncol=2)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_minillm_training(train_csv: Path, valid_csv: Path, path: str) -> None:
+    """MiniLLM's reward, reverse KL and validation Rouge-L against the optimiser step."""
+    train, valid = pd.read_csv(train_csv), pd.read_csv(valid_csv)
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    axes[0].plot(train["step"], train["rollout_reward_mean"])
+    axes[0].set_title("mean per-token reward log p − log q")
+    axes[1].plot(train["step"], train["rollout_reverse_kl_per_token"], label="rollouts (importance-weighted, per token)")
+    axes[1].plot(valid["step"], valid["valid_reverse_kl"] / 10, marker="o", label="validation (per sequence) / 10")
+    axes[1].set_title("reverse KL of student samples")
+    axes[1].legend(fontsize=7)
+    axes[2].plot(valid["step"], valid["valid_rouge_l"], marker="o")
+    axes[2].set_title("validation Rouge-L")
+    for axis in axes:
+        axis.set_xlabel("step")
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def save_figure(figure, path: str) -> None:
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    figure.savefig(tmp, dpi=110)
+    plt.close(figure)
+    tmp.replace(path)
+
+
 def main() -> None:
     params = load_params()
     with StageRun("report", {"evaluate.seeds": params.evaluate.seeds}) as run:
@@ -56,8 +105,11 @@ def main() -> None:
             + table.to_markdown(index=False) + "\n"
         )
         atomic_write_text("reports/table1.md", markdown)
-        run.log_artifact("reports/table1.md")
-        run.log_artifact("reports/results.csv")
+        plot_rouge_bars(results, "reports/rouge_l.png")
+        plot_minillm_training(Path("plots/distill/minillm/train.csv"), Path("plots/distill/minillm/valid.csv"),
+                              "reports/minillm_training.png")
+        for artifact in ("table1.md", "results.csv", "rouge_l.png", "minillm_training.png"):
+            run.log_artifact(f"reports/{artifact}")
         print(markdown)
 
 

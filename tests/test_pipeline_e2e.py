@@ -114,6 +114,18 @@ def test_second_repro_does_nothing_and_eval_param_retrains_nothing(pipeline):
     dry = run(["dvc", "repro", "--dry"], workdir, env)
     ran = {line.split("'")[1] for line in dry.stdout.splitlines() if line.startswith("Running stage")}
     assert ran == {"check_params", "report"} | {f"evaluate@{m}" for m in METHODS}
+    run(["git", "checkout", "params.yaml"], workdir, env)
+
+
+def test_dvc_exp_run_with_a_param_override(pipeline):
+    workdir, env, _ = pipeline
+    experiment = run(["dvc", "exp", "run", "-S", "evaluate.seeds=[10]"], workdir, env)
+    assert "Running stage 'evaluate@minillm'" in experiment.stdout
+    assert "Running stage 'train_teacher'" not in experiment.stdout
+    results = pd.read_csv(workdir / "reports" / "results.csv")
+    assert set(results["seed"]) == {10}
+    assert run(["dvc", "exp", "list", "--name-only"], workdir, env).stdout.strip()
+    run(["git", "checkout", "params.yaml"], workdir, env)
 
 
 def test_typo_in_params_stops_repro_with_one_line(pipeline):

@@ -1,0 +1,56 @@
+"""The build_data stage on a local Dolly-format JSONL source, and its clean failure on a malformed file."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import yaml
+from transformers import AutoTokenizer
+
+from pipeline.data import TokenizedSplit
+from tests.test_config import REPO
+
+RECORDS = [
+    {"instruction": f"Question {i}: who wrote “Les Misérables”?", "context": "Victor Hugo, 1862.\nA novel." if i % 2 else "",
+     "response": f"Victor Hugo wrote it.\nIt was published in 1862 ({i}).", "category": "open_qa"}
+    for i in range(12)
+] + [{"instruction": "Empty one", "context": "", "response": "   ", "category": "open_qa"}]
+
+
+def run_build_data(tmp_path, lines: list[str]):
+    source = tmp_path / "dolly.jsonl"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    params = yaml.safe_load((REPO / "tests" / "micro_params.yaml").read_text())
+    params["data"].update(source="jsonl", jsonl_path=str(source), valid_size=2, test_size=3, tokenizer_vocab_size=300,
+                          max_length=512, max_prompt_length=448)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+           "HOME": str(tmp_path)}
+    return subprocess.run([sys.executable, "-m", "stages.build_data"], cwd=tmp_path, env=env, capture_output=True, text=True)
+
+
+def test_jsonl_source_builds_splits_with_the_spec_tokenization(tmp_path):
+    completed = run_build_data(tmp_path, [json.dumps(r, ensure_ascii=False) for r in RECORDS])
+    assert completed.returncode == 0, completed.stderr
+    data = tmp_path / "data"
+    stats = json.loads((data / "stats.json").read_text())
+    assert stats["dropped_empty_response"] == 1
+    assert (stats["train_examples"], stats["valid_examples"], stats["eval_dollyeval_examples"]) == (7, 2, 3)
+    train = [json.loads(line) for line in (data / "instructions" / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert any("Misérables" in r["instruction"] for r in train)
+    split = TokenizedSplit.load(data / "tokenized" / "train.npz")
+    ids, prompt_length = split.example(0)
+    assert ids[-1] == AutoTokenizer.from_pretrained(data / "tokenizer").eos_token_id
+    assert 0 < prompt_length < len(ids)
+    assert np.load(data / "pretrain" / "blocks.npy").ndim == 2
+
+
+def test_malformed_jsonl_names_file_and_line_and_writes_nothing(tmp_path):
+    lines = [json.dumps(r) for r in RECORDS[:3]] + ['{"instruction": "broken"']
+    completed = run_build_data(tmp_path, lines)
+    assert completed.returncode == 2
+    last_line = completed.stderr.strip().splitlines()[-1]
+    assert last_line == f"error: {tmp_path / 'dolly.jsonl'}:4: not valid JSON (Expecting ',' delimiter)"
+    assert "Traceback" not in completed.stderr
+    assert not (tmp_path / "data").exists()
