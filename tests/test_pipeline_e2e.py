@@ -51,7 +51,9 @@ def pipeline(tmp_path_factory):
         "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow-test.db'}",
         "OMP_NUM_THREADS": "2",
     }
-    env.pop("DVC_ROOT", None)
+    # Other tests may have initialised torch.distributed in this process: its rendezvous must not leak into DVC's.
+    for inherited in ("DVC_ROOT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(inherited, None)
     run(["git", "init", "-q"], workdir, env)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], workdir, env)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "snapshot"], workdir, env)
