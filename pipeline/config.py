@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from pipeline.losses import DIVERGENCE_NAMES
+
+
+# Labels name directories and DVC stages (`distill_kd@120M`): no dots, no slashes.
+LABEL_PATTERN = r"^[A-Za-z0-9_-]+$"
 
 
 class ConfigError(Exception):
@@ -81,7 +85,6 @@ class Architecture(Strict):
 class ModelSpec(Strict):
     """Either a pretrained model (`name_or_path`) or a GPT-2 architecture built from scratch (`arch`)."""
 
-    label: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # the size label in reports, e.g. "120M"
     name_or_path: str | None = None
     arch: Architecture | None = None
 
@@ -92,9 +95,20 @@ class ModelSpec(Strict):
         return self
 
 
+class TeacherSpec(ModelSpec):
+    label: str = Field(min_length=1)  # the teacher's size label in reports, e.g. "1.5B"
+
+
 class Models(Strict):
-    teacher: ModelSpec
-    student: ModelSpec
+    teacher: TeacherSpec
+    # Student size label -> model. Several students make every student stage a DVC matrix over them.
+    students: dict[Annotated[str, StringConstraints(pattern=LABEL_PATTERN)], ModelSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _labels_do_not_collide(self):
+        if "teacher" in self.students:
+            raise ValueError("'teacher' is reserved; choose another student label")
+        return self
 
 
 class EngineConfig(Strict):

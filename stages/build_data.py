@@ -40,21 +40,18 @@ def pretrain_documents(params) -> list[str]:
 
 
 def shared_tokenizer(params, train: list[dict], documents: list[str]):
-    """The pretrained models' tokenizer (both must have the same vocabulary), else a BPE trained on our data."""
-    pretrained = [spec for spec in (params.models.teacher, params.models.student) if spec.name_or_path]
-    if not pretrained:
-        texts = [data.build_prompt(r["instruction"], r["context"]) + r["response"] for r in train] + documents
-        return data.train_bpe_tokenizer(texts, params.data.tokenizer_vocab_size)
-    tokenizers = [(spec.name_or_path, load_tokenizer(spec.name_or_path)) for spec in pretrained]
-    for name, tokenizer in tokenizers[1:]:
-        data.check_same_tokenizer(tokenizers[0][1], tokenizer, tokenizers[0][0], name)
-    return tokenizers[0][1]
+    """The pretrained teacher's tokenizer, else a byte-level BPE trained on our data. Each pretrained student
+    is checked against it, by vocabulary, in its pretrain_student stage."""
+    if params.models.teacher.name_or_path:
+        return load_tokenizer(params.models.teacher.name_or_path)
+    texts = [data.build_prompt(r["instruction"], r["context"]) + r["response"] for r in train] + documents
+    return data.train_bpe_tokenizer(texts, params.data.tokenizer_vocab_size)
 
 
 def main() -> None:
     params = load_params()
     config = params.data
-    with StageRun("build_data", {"seed": params.seed, "data": config.model_dump(), "models": params.models.model_dump()}) as run:
+    with StageRun("build_data", {"seed": params.seed, "data": config.model_dump(), "models.teacher.name_or_path": params.models.teacher.name_or_path}) as run:
         train, valid, eval_sets, dropped_empty = load_instruction_splits(params)
         documents = pretrain_documents(params)
         tokenizer = shared_tokenizer(params, train, documents)

@@ -1,4 +1,4 @@
-"""DVC stage `distill@<method>`: KD and SeqKD (spec §3) and MiniLLM (spec §4), one student checkpoint each.
+"""DVC stages `distill_<method>@<student>`: KD and SeqKD (spec §3) and MiniLLM (spec §4) for one student.
 
     kd       from the student base, on gold responses, loss (1 - r) CE + r D(teacher, student)
     seqkd    from the student base, on the teacher's samples (teacher_generate), optional KD term
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from pipeline import engine
-from pipeline.config import exit_on_user_error, load_params
+from pipeline.config import ConfigError, exit_on_user_error, load_params
 from pipeline.data import TokenizedSplit
 from pipeline.io import atomic_directory, atomic_write_json
 from pipeline.minillm import train_minillm
@@ -21,7 +21,8 @@ from pipeline.models import load_model, save_checkpoint
 from pipeline.sft import KDTerm, copy_with_state, load_sft_inputs, summarize, train_sft, write_curves
 from pipeline.tracking import StageRun
 
-START_CHECKPOINT = {"kd": "models/base/student", "seqkd": "models/base/student", "minillm": "models/sft/best_loss"}
+# Spec §3/§4: the baselines start from the pretrained student, MiniLLM from its SFT picked by validation loss.
+START_CHECKPOINT = {"kd": "base", "seqkd": "base", "minillm": "sft/best_loss"}
 
 
 def run_kd_or_seqkd(method, params, dist, run, teacher, student):
@@ -60,21 +61,25 @@ def run_minillm(params, dist, run, teacher, student, rollout_dir):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--method", choices=sorted(START_CHECKPOINT), required=True)
-    method = parser.parse_args().method
+    parser.add_argument("--student", required=True, help="a label of models.students")
+    arguments = parser.parse_args()
+    method, student_label = arguments.method, arguments.student
     params = load_params()
+    if student_label not in params.models.students:
+        raise ConfigError(f"--student {student_label}: not a label of models.students")
     engine.relaunch_if_data_parallel(params.engine)
     dist = engine.setup(params.engine)
     engine.seed_everything(params.seed)
     stage_params = {"seed": params.seed, f"distill.{method}": params.distill.model_dump()[method],
                     "engine": params.engine.model_dump()}
-    tags = {"method": method, "student": params.models.student.label}
-    with StageRun(f"distill@{method}", stage_params, tags=tags, enabled=dist.is_main) as run:
+    tags = {"method": method, "student": student_label}
+    with StageRun(f"distill_{method}@{student_label}", stage_params, tags=tags, enabled=dist.is_main) as run:
         dtype = engine.dtype_of(params.engine)
-        teacher = load_model("models/teacher", dtype).to(dist.device).requires_grad_(False)
-        student = load_model(START_CHECKPOINT[method], dtype).to(dist.device)
-        # models/<method>/ holds model/ and, for MiniLLM, rollouts/; only the main rank writes, and the
-        # directory appears whole only when training succeeded.
-        with atomic_directory(f"models/{method}") if dist.is_main else contextlib.nullcontext() as out:
+        teacher = load_model("models/teacher/sft", dtype).to(dist.device).requires_grad_(False)
+        student = load_model(f"models/{student_label}/{START_CHECKPOINT[method]}", dtype).to(dist.device)
+        # models/<student>/<method>/ holds model/ and, for MiniLLM, rollouts/; only the main rank writes, and
+        # the directory appears whole only when training succeeded.
+        with atomic_directory(f"models/{student_label}/{method}") if dist.is_main else contextlib.nullcontext() as out:
             if method == "minillm":
                 rollout_dir = out / "rollouts" if dist.is_main else None
                 if rollout_dir is not None:
@@ -85,9 +90,9 @@ def main() -> None:
             if dist.is_main:
                 save_checkpoint(best, tokenizer, out / "model")
         if dist.is_main:
-            write_curves(result, f"plots/distill/{method}")
-            atomic_write_json(f"metrics/distill/{method}.json", summary)
-            print(f"distill@{method}: best validation Rouge-L {summary['best_valid_rouge_l']:.2f}")
+            write_curves(result, f"plots/distill/{method}/{student_label}")
+            atomic_write_json(f"metrics/distill/{method}/{student_label}.json", summary)
+            print(f"distill_{method}@{student_label}: best validation Rouge-L {summary['best_valid_rouge_l']:.2f}")
     engine.teardown()
 
 

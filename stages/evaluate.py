@@ -1,7 +1,9 @@
-"""DVC stage `evaluate@<method>`: spec §5 protocol on every evaluation set, over every seed.
+"""DVC stages `evaluate_teacher` and `evaluate@<method>-<student>`: spec §5 protocol on every evaluation set,
+over every seed.
 
-Writes predictions eval/<method>/<set>.jsonl (one row per example and seed) and the DVC metrics file
-metrics/eval/<method>.json: per set, the Rouge-L of each seed (mean over examples), their mean and std.
+Writes predictions eval/<name>/<set>.jsonl (one row per example and seed) and the DVC metrics file
+metrics/eval/<name>.json (name: "teacher" or "<method>-<student>"): per set, the Rouge-L of each seed (mean over
+examples), their mean and std.
 """
 
 import argparse
@@ -12,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pipeline import engine
-from pipeline.config import exit_on_user_error, load_params
+from pipeline.config import ConfigError, exit_on_user_error, load_params
 from pipeline.data import build_prompt, read_jsonl
 from pipeline.evaluation import generate_responses, score_records
 from pipeline.io import atomic_directory, atomic_write_json
@@ -20,36 +22,49 @@ from pipeline.models import load_model, load_tokenizer
 from pipeline.synthetic import EVAL_SETS
 from pipeline.tracking import StageRun
 
-# The SFT baseline is the checkpoint picked by validation Rouge-L (spec §2).
-CHECKPOINTS = {"teacher": "models/teacher", "sft": "models/sft/best_rouge", "kd": "models/kd/model",
-               "seqkd": "models/seqkd/model", "minillm": "models/minillm/model"}
+METHODS = ("teacher", "sft", "kd", "seqkd", "minillm")
+
+
+def checkpoint(method: str, student: str | None) -> str:
+    """The SFT baseline is the student SFT picked by validation Rouge-L (spec §2)."""
+    if method == "teacher":
+        return "models/teacher/sft"
+    if method == "sft":
+        return f"models/{student}/sft/best_rouge"
+    return f"models/{student}/{method}/model"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--method", choices=sorted(CHECKPOINTS), required=True)
-    method = parser.parse_args().method
+    parser.add_argument("--method", choices=METHODS, required=True)
+    parser.add_argument("--student", help="a label of models.students (every method but the teacher)")
+    arguments = parser.parse_args()
+    method, student = arguments.method, arguments.student
     params = load_params()
+    if method != "teacher" and student not in params.models.students:
+        raise ConfigError(f"--student {student}: not a label of models.students")
     config = params.evaluate
-    label = params.models.teacher.label if method == "teacher" else params.models.student.label
+    label = params.models.teacher.label if method == "teacher" else student
+    name = "teacher" if method == "teacher" else f"{method}-{student}"  # file and directory names
+    stage = "evaluate_teacher" if method == "teacher" else f"evaluate@{method}-{student}"
     engine.seed_everything(params.seed)
     device = torch.device(params.engine.device)
 
     tags = {"method": method, "student": label}
-    with StageRun(f"evaluate@{method}", {"evaluate": config.model_dump()}, tags=tags) as run:
+    with StageRun(stage, {"evaluate": config.model_dump()}, tags=tags) as run:
         tokenizer = load_tokenizer("data/tokenizer")
-        model = load_model(CHECKPOINTS[method], engine.dtype_of(params.engine)).to(device)
-        sets = [name for name in EVAL_SETS if Path(f"data/eval/{name}.jsonl").is_file()]
+        model = load_model(checkpoint(method, student), engine.dtype_of(params.engine)).to(device)
+        sets = [set_name for set_name in EVAL_SETS if Path(f"data/eval/{set_name}.jsonl").is_file()]
         metrics = {"method": method, "student": label, "sets": {}}
-        with atomic_directory(f"eval/{method}") as predictions_dir:
-            for name in sets:
-                records = read_jsonl(f"data/eval/{name}.jsonl")
+        with atomic_directory(f"eval/{name}") as predictions_dir:
+            for set_name in sets:
+                records = read_jsonl(f"data/eval/{set_name}.jsonl")
                 prompts = [build_prompt(r["instruction"], r["context"]) for r in records]
                 rows, per_seed = [], {}
                 for seed in config.seeds:
                     responses = generate_responses(
                         model, tokenizer, prompts, seed=seed, max_new_tokens=config.max_new_tokens,
-                        batch_size=config.batch_size, temperature=config.temperature, progress=f"{method} {name} seed {seed}",
+                        batch_size=config.batch_size, temperature=config.temperature, progress=f"{stage} {set_name} seed {seed}",
                     )
                     scores = score_records(records, responses)
                     per_seed[str(seed)] = statistics.fmean(scores)
@@ -58,15 +73,14 @@ def main() -> None:
                              for r, text, score in zip(records, responses, scores)]
                 values = list(per_seed.values())
                 summary = {"rouge_l": statistics.fmean(values), "rouge_l_std": statistics.pstdev(values), "per_seed": per_seed}
-                metrics["sets"][name] = summary
-                run.log_metrics({f"{name}/rouge_l": summary["rouge_l"], f"{name}/rouge_l_std": summary["rouge_l_std"]})
-                with open(predictions_dir / f"{name}.jsonl", "w", encoding="utf-8") as handle:
+                metrics["sets"][set_name] = summary
+                run.log_metrics({f"{set_name}/rouge_l": summary["rouge_l"], f"{set_name}/rouge_l_std": summary["rouge_l_std"]})
+                with open(predictions_dir / f"{set_name}.jsonl", "w", encoding="utf-8") as handle:
                     handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-                print(f"evaluate@{method}: {name} Rouge-L {summary['rouge_l']:.2f} ± {summary['rouge_l_std']:.2f}")
-        atomic_write_json(f"metrics/eval/{method}.json", metrics)
-        for name in sets:
-            run.log_artifact(f"eval/{method}/{name}.jsonl", artifact_path="predictions")
-
+                print(f"{stage}: {set_name} Rouge-L {summary['rouge_l']:.2f} ± {summary['rouge_l_std']:.2f}")
+        atomic_write_json(f"metrics/eval/{name}.json", metrics)
+        for set_name in sets:
+            run.log_artifact(f"eval/{name}/{set_name}.jsonl", artifact_path="predictions")
 
 if __name__ == "__main__":
     exit_on_user_error(main)

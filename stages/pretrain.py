@@ -1,4 +1,5 @@
-"""DVC stage `pretrain@<role>`: the base model the paper takes off the shelf (GPT-2), for our tiny models.
+"""DVC stages `pretrain_teacher` and `pretrain_student@<label>`: the base model the paper takes off the shelf
+(GPT-2), for our tiny models.
 
 A `name_or_path` model is already pretrained: the stage only records a pointer to it (skipped).
 An `arch` model is built from scratch and trained as a language model on the PT blocks, every token counted.
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline import engine
-from pipeline.config import exit_on_user_error, load_params
+from pipeline.config import ConfigError, exit_on_user_error, load_params
+from pipeline.data import check_same_tokenizer
 from pipeline.io import atomic_write_json
 from pipeline.models import build_gpt2, count_parameters, load_tokenizer, save_checkpoint, save_pointer
 from pipeline.tracking import StageRun
@@ -21,25 +23,30 @@ from pipeline.tracking import StageRun
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--role", choices=["teacher", "student"], required=True)
-    role = parser.parse_args().role
+    parser.add_argument("--model", required=True, help="teacher, or a student label of models.students")
+    model_name = parser.parse_args().model
     params = load_params()
-    spec = params.models.teacher if role == "teacher" else params.models.student
-    out_dir, metrics_path = f"models/base/{role}", f"metrics/pretrain/{role}.json"
+    if model_name != "teacher" and model_name not in params.models.students:
+        raise ConfigError(f"--model {model_name}: not 'teacher' nor a label of models.students")
+    spec = params.models.teacher if model_name == "teacher" else params.models.students[model_name]
+    out_dir, metrics_path = f"models/{model_name}/base", f"metrics/pretrain/{model_name}.json"
+    stage = "pretrain_teacher" if model_name == "teacher" else f"pretrain_student@{model_name}"
     engine.relaunch_if_data_parallel(params.engine)
     dist = engine.setup(params.engine)
     engine.seed_everything(params.seed)
-    stage_params = {"seed": params.seed, "model": spec.model_dump(), "pretrain": params.pretrain.model_dump(), "engine": params.engine.model_dump()}
+    stage_params = {"seed": params.seed, "model_spec": spec.model_dump(), "pretrain": params.pretrain.model_dump(), "engine": params.engine.model_dump()}
 
-    with StageRun(f"pretrain@{role}", stage_params if dist.is_main else {}, tags={"role": role}, enabled=dist.is_main) as run:
+    with StageRun(stage, stage_params if dist.is_main else {}, tags={"model": model_name}, enabled=dist.is_main) as run:
+        tokenizer = load_tokenizer("data/tokenizer")
         if spec.name_or_path:
+            # Distillation compares distributions token by token: one vocabulary, checked by content, not size.
+            check_same_tokenizer(tokenizer, load_tokenizer(spec.name_or_path), "data/tokenizer", spec.name_or_path)
             if dist.is_main:
                 save_pointer(spec.name_or_path, out_dir)
                 atomic_write_json(metrics_path, {"skipped": 1, "steps": 0})
-            print(f"pretrain@{role}: pretrained model '{spec.name_or_path}', nothing to train")
+            print(f"{stage}: pretrained model '{spec.name_or_path}', nothing to train")
             return
 
-        tokenizer = load_tokenizer("data/tokenizer")
         blocks = torch.from_numpy(np.load("data/pretrain/blocks.npy").astype(np.int64))
         model = build_gpt2(spec.arch, len(tokenizer), params.data.max_length, tokenizer.eos_token_id).to(dist.device)
         config = params.pretrain
@@ -48,7 +55,7 @@ def main() -> None:
         model_engine.train()
         rng = np.random.default_rng(params.seed)
         losses = []
-        for step in tqdm(range(1, config.steps + 1), desc=f"pretrain@{role}", disable=not dist.is_main):
+        for step in tqdm(range(1, config.steps + 1), desc=stage, disable=not dist.is_main):
             started = time.perf_counter()
             step_indices = rng.integers(0, len(blocks), size=config.batch_size)
             micro = engine.micro_batch_indices(step_indices, config.micro_batch_size, grad_accum, dist)
@@ -77,7 +84,7 @@ def main() -> None:
                        "parameters": count_parameters(model)}
             atomic_write_json(metrics_path, metrics)
             run.log_metrics({"final_loss": metrics["final_loss"], "parameters": metrics["parameters"]})
-            print(f"pretrain@{role}: {metrics['parameters']:,} parameters, final loss {metrics['final_loss']:.3f}")
+            print(f"{stage}: {metrics['parameters']:,} parameters, final loss {metrics['final_loss']:.3f}")
     engine.teardown()
 
 

@@ -41,8 +41,10 @@ def table1(results: pd.DataFrame) -> pd.DataFrame:
     table = summary.pivot(index=["student", "method"], columns="eval_set", values="cell")
     sets = [s for s in EVAL_SETS if s in table.columns] + sorted(set(table.columns) - set(EVAL_SETS))
     table = table[sets].rename(columns=SET_NAMES).reset_index()
+    # The teacher first, then each student size with its methods in the paper's order.
+    table["is_student"] = table["method"] != "teacher"
     table["order"] = table["method"].map(METHOD_ORDER.index)
-    table = table.sort_values(["order", "student"]).drop(columns="order")
+    table = table.sort_values(["is_student", "student", "order"]).drop(columns=["is_student", "order"])
     table["method"] = table["method"].map(METHOD_NAMES)
     return table.rename(columns={"student": "Model", "method": "Method"})
 
@@ -67,20 +69,21 @@ def plot_rouge_bars(results: pd.DataFrame, path: str) -> None:
     save_figure(figure, path)
 
 
-def plot_minillm_training(train_csv: Path, valid_csv: Path, path: str) -> None:
-    """MiniLLM's reward, reverse KL and validation Rouge-L against the optimiser step."""
-    train, valid = pd.read_csv(train_csv), pd.read_csv(valid_csv)
+def plot_minillm_training(curves_dir: Path, path: str) -> None:
+    """MiniLLM's reward, reverse KL and validation Rouge-L against the optimiser step, a line per student."""
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    axes[0].plot(train["step"], train["rollout_reward_mean"])
+    for student_dir in sorted(p for p in curves_dir.iterdir() if p.is_dir()):
+        train, valid = pd.read_csv(student_dir / "train.csv"), pd.read_csv(student_dir / "valid.csv")
+        axes[0].plot(train["step"], train["rollout_reward_mean"], label=student_dir.name)
+        axes[1].plot(train["step"], train["rollout_reverse_kl_per_token"], label=f"{student_dir.name} rollouts (per token)")
+        axes[1].plot(valid["step"], valid["valid_reverse_kl"] / 10, marker="o", label=f"{student_dir.name} validation (per sequence / 10)")
+        axes[2].plot(valid["step"], valid["valid_rouge_l"], marker="o", label=student_dir.name)
     axes[0].set_title("mean per-token reward log p − log q")
-    axes[1].plot(train["step"], train["rollout_reverse_kl_per_token"], label="rollouts (importance-weighted, per token)")
-    axes[1].plot(valid["step"], valid["valid_reverse_kl"] / 10, marker="o", label="validation (per sequence) / 10")
     axes[1].set_title("reverse KL of student samples")
-    axes[1].legend(fontsize=7)
-    axes[2].plot(valid["step"], valid["valid_rouge_l"], marker="o")
     axes[2].set_title("validation Rouge-L")
     for axis in axes:
         axis.set_xlabel("step")
+        axis.legend(fontsize=7)
     figure.tight_layout()
     save_figure(figure, path)
 
@@ -106,8 +109,7 @@ def main() -> None:
         )
         atomic_write_text("reports/table1.md", markdown)
         plot_rouge_bars(results, "reports/rouge_l.png")
-        plot_minillm_training(Path("plots/distill/minillm/train.csv"), Path("plots/distill/minillm/valid.csv"),
-                              "reports/minillm_training.png")
+        plot_minillm_training(Path("plots/distill/minillm"), "reports/minillm_training.png")
         for artifact in ("table1.md", "results.csv", "rouge_l.png", "minillm_training.png"):
             run.log_artifact(f"reports/{artifact}")
         print(markdown)

@@ -22,7 +22,7 @@ def main() -> None:
     device = torch.device(params.engine.device)
     with StageRun("teacher_generate", {"seed": params.seed, "distill.seqkd.max_new_tokens": config.max_new_tokens}) as run:
         tokenizer = load_tokenizer("data/tokenizer")
-        teacher = load_model("models/teacher", engine.dtype_of(params.engine)).to(device)
+        teacher = load_model("models/teacher/sft", engine.dtype_of(params.engine)).to(device)
         records = read_jsonl("data/instructions/train.jsonl")
         prompts = [build_prompt(r["instruction"], r["context"]) for r in records]
         responses = generate_responses(

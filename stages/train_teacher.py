@@ -17,14 +17,14 @@ def main() -> None:
 
     with StageRun("train_teacher", stage_params, tags={"method": "teacher", "student": params.models.teacher.label}, enabled=dist.is_main) as run:
         inputs = load_sft_inputs()
-        model = load_model("models/base/teacher", engine.dtype_of(params.engine)).to(dist.device)
+        model = load_model("models/teacher/base", engine.dtype_of(params.engine)).to(dist.device)
         result = train_sft(
             model=model, tokenizer=inputs.tokenizer, train_split=inputs.train_split, valid_split=inputs.valid_split,
             valid_records=inputs.valid_records, stage=params.train_teacher, stage_key="train_teacher",
             engine_config=params.engine, dist=dist, seed=params.seed, log_metrics=run.log_metrics,
         )
         if dist.is_main:
-            save_checkpoint(copy_with_state(model, result.best_rouge_state), inputs.tokenizer, "models/teacher")
+            save_checkpoint(copy_with_state(model, result.best_rouge_state), inputs.tokenizer, "models/teacher/sft")
             write_curves(result, "plots/train_teacher")
             atomic_write_json("metrics/train_teacher.json", summarize(result))
             print(f"train_teacher: best validation Rouge-L {result.best_rouge_l:.2f}")

@@ -17,11 +17,13 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+STUDENTS = ("tiny", "tiny2")  # tests/micro_params.yaml: two students, so every student stage is a matrix
 METHODS = {"teacher", "sft", "kd", "seqkd", "minillm"}
-STAGES = {
-    "check_params", "build_data", "pretrain@teacher", "pretrain@student", "train_teacher", "init_student",
-    "teacher_generate", "distill@kd", "distill@seqkd", "distill@minillm", "report",
-} | {f"evaluate@{m}" for m in METHODS}
+EVALUATIONS = {"evaluate_teacher"} | {f"evaluate@{m}-{s}" for m in METHODS - {"teacher"} for s in STUDENTS}
+STAGES = {"check_params", "build_data", "pretrain_teacher", "train_teacher", "teacher_generate", "report"} | EVALUATIONS | {
+    f"{stage}@{s}" for stage in ("pretrain_student", "init_student", "distill_kd", "distill_seqkd", "distill_minillm")
+    for s in STUDENTS
+}
 
 pytestmark = pytest.mark.slow
 
@@ -69,15 +71,16 @@ def test_every_stage_ran_and_the_report_has_every_method(pipeline):
     assert list(results.columns) == ["method", "student", "eval_set", "seed", "rouge_l"]
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     assert set(results["method"]) == METHODS
+    assert set(results["student"]) == {"micro-T", *STUDENTS}
     assert set(results["eval_set"]) == {"dollyeval", "selfinst", "vicunaeval", "sni", "unni"}
-    assert len(results) == len(METHODS) * 5 * len(params["evaluate"]["seeds"])
+    assert len(results) == len(EVALUATIONS) * 5 * len(params["evaluate"]["seeds"])
     assert results["rouge_l"].between(0, 100).all()
     table = (workdir / "reports" / "table1.md").read_text()
     for name in ("Teacher", "SFT w/o KD", "KD", "SeqKD", "MiniLLM", "DollyEval", "±"):
         assert name in table
-    metrics = json.loads((workdir / "metrics" / "eval" / "minillm.json").read_text())
+    metrics = json.loads((workdir / "metrics" / "eval" / "minillm-tiny.json").read_text())
     assert set(metrics["sets"]["dollyeval"]["per_seed"]) == {str(s) for s in params["evaluate"]["seeds"]}
-    rollouts = sorted((workdir / "models" / "minillm" / "rollouts").glob("round_*.pt"))
+    rollouts = sorted((workdir / "models" / "tiny2" / "minillm" / "rollouts").glob("round_*.pt"))
     assert rollouts, "MiniLLM rollout buffers are saved"
 
 
@@ -115,14 +118,14 @@ def test_second_repro_does_nothing_and_eval_param_retrains_nothing(pipeline):
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     dry = run(["dvc", "repro", "--dry"], workdir, env)
     ran = {line.split("'")[1] for line in dry.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"check_params", "report"} | {f"evaluate@{m}" for m in METHODS}
+    assert ran == {"check_params", "report"} | EVALUATIONS
     run(["git", "checkout", "params.yaml"], workdir, env)
 
 
 def test_dvc_exp_run_with_a_param_override(pipeline):
     workdir, env, _ = pipeline
     experiment = run(["dvc", "exp", "run", "-S", "evaluate.seeds=[10]"], workdir, env)
-    assert "Running stage 'evaluate@minillm'" in experiment.stdout
+    assert "Running stage 'evaluate@minillm-tiny'" in experiment.stdout
     assert "Running stage 'train_teacher'" not in experiment.stdout
     results = pd.read_csv(workdir / "reports" / "results.csv")
     assert set(results["seed"]) == {10}
