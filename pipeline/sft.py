@@ -167,7 +167,7 @@ def train_sft(
             result.response_tokens_trained += int(global_tokens)
             if kd is not None:
                 result.teacher_forward_tokens += int(global_tokens)
-            log_metrics({f"train/{k}": v for k, v in point.items() if k != "step"}, step)
+            log_metrics({f"train/{k.removeprefix('train_')}": v for k, v in point.items() if k != "step"}, step)
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.3f}")
             if step % stage.eval_every == 0 or step == total_steps:
