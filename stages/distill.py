@@ -14,7 +14,6 @@ import torch
 
 from pipeline import engine
 from pipeline.config import ConfigError, exit_on_user_error, load_params
-from pipeline.data import TokenizedSplit
 from pipeline.io import atomic_directory, atomic_write_json
 from pipeline.minillm import train_minillm
 from pipeline.models import load_model, save_checkpoint
