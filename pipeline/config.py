@@ -231,6 +231,7 @@ class EvaluateStage(Strict):
 
 class Params(Strict):
     seed: int
+    train_seeds: list[int] = Field(min_length=1)
     data: DataConfig
     models: Models
     engine: EngineConfig
@@ -239,6 +240,12 @@ class Params(Strict):
     init_student: SFTStage
     distill: Distill
     evaluate: EvaluateStage
+
+    @model_validator(mode="after")
+    def _train_seeds_distinct(self):
+        if len(set(self.train_seeds)) != len(self.train_seeds):
+            raise ValueError(f"train_seeds {self.train_seeds}: repeated seed (each one names a DVC stage)")
+        return self
 
     @model_validator(mode="after")
     def _generation_fits(self):

@@ -1,4 +1,4 @@
-"""DVC stages `distill_<method>@<student>`: KD and SeqKD (spec §3) and MiniLLM (spec §4) for one student.
+"""DVC stages `distill_<method>@<student>-<train seed>`: KD and SeqKD (spec §3) and MiniLLM (spec §4) for one student.
 
     kd       from the student base, on gold responses, loss (1 - r) CE + r D(teacher, student)
     seqkd    from the student base, on the teacher's samples (teacher_generate), optional KD term
@@ -20,11 +20,12 @@ from pipeline.models import load_model, save_checkpoint
 from pipeline.sft import KDTerm, copy_with_state, load_sft_inputs, summarize, train_sft, write_curves
 from pipeline.tracking import StageRun
 
-# Spec §3/§4: the baselines start from the pretrained student, MiniLLM from its SFT picked by validation loss.
-START_CHECKPOINT = {"kd": "base", "seqkd": "base", "minillm": "sft/best_loss"}
+# Spec §3/§4: the baselines start from the pretrained student, MiniLLM from its SFT (same training seed) picked by
+# validation loss.
+START_CHECKPOINT = {"kd": "base", "seqkd": "base", "minillm": "seed{seed}/sft/best_loss"}
 
 
-def run_kd_or_seqkd(method, params, dist, run, teacher, student):
+def run_kd_or_seqkd(method, params, seed, dist, run, teacher, student):
     config = params.distill.kd if method == "kd" else params.distill.seqkd
     inputs = load_sft_inputs("data/tokenized/train.npz" if method == "kd" else "teacher_data/train.npz")
     kd_ratio = config.ratio if method == "kd" else config.kd_ratio
@@ -34,14 +35,14 @@ def run_kd_or_seqkd(method, params, dist, run, teacher, student):
     result = train_sft(
         model=student, tokenizer=inputs.tokenizer, train_split=inputs.train_split, valid_split=inputs.valid_split,
         valid_records=inputs.valid_records, stage=config.train, stage_key=f"distill.{method}.train",
-        engine_config=params.engine, dist=dist, seed=params.seed, log_metrics=run.log_metrics, kd=kd,
+        engine_config=params.engine, dist=dist, seed=seed, log_metrics=run.log_metrics, kd=kd,
     )
     summary = summarize(result) | {"response_tokens_trained": result.response_tokens_trained,
                                    "teacher_forward_tokens": result.teacher_forward_tokens}
     return copy_with_state(student, result.best_rouge_state), inputs.tokenizer, result, summary
 
 
-def run_minillm(params, dist, run, teacher, student, rollout_dir):
+def run_minillm(params, seed, dist, run, teacher, student, rollout_dir):
     config = params.distill.minillm
     inputs = load_sft_inputs()
     train_prompts = [inputs.train_split.example(i)[0][: inputs.train_split.example(i)[1]] for i in range(len(inputs.train_split))]
@@ -49,7 +50,7 @@ def run_minillm(params, dist, run, teacher, student, rollout_dir):
     result = train_minillm(
         student=student, teacher=teacher, tokenizer=inputs.tokenizer, train_prompts=train_prompts,
         pt_blocks=pt_blocks, valid_records=inputs.valid_records, config=config, engine_config=params.engine,
-        dist=dist, seed=params.seed, log_metrics=run.log_metrics, rollout_dir=rollout_dir,
+        dist=dist, seed=seed, log_metrics=run.log_metrics, rollout_dir=rollout_dir,
     )
     summary = {"best_valid_rouge_l": result.best_rouge_l, "steps": len(result.train_curve),
                "generated_tokens": result.generated_tokens, "teacher_forward_tokens": result.teacher_forward_tokens,
@@ -61,37 +62,42 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--method", choices=sorted(START_CHECKPOINT), required=True)
     parser.add_argument("--student", required=True, help="a label of models.students")
+    parser.add_argument("--seed", type=int, required=True, help="the training seed, one of train_seeds")
     arguments = parser.parse_args()
-    method, student_label = arguments.method, arguments.student
+    method, student_label, seed = arguments.method, arguments.student, arguments.seed
     params = load_params()
     if student_label not in params.models.students:
         raise ConfigError(f"--student {student_label}: not a label of models.students")
+    if seed not in params.train_seeds:
+        raise ConfigError(f"--seed {seed}: not one of train_seeds {params.train_seeds}")
     engine.relaunch_if_data_parallel(params.engine)
     dist = engine.setup(params.engine)
-    engine.seed_everything(params.seed)
-    stage_params = {"seed": params.seed, f"distill.{method}": params.distill.model_dump()[method],
+    engine.seed_everything(seed)
+    stage_params = {"seed": seed, f"distill.{method}": params.distill.model_dump()[method],
                     "engine": params.engine.model_dump()}
-    tags = {"method": method, "student": student_label}
-    with StageRun(f"distill_{method}@{student_label}", stage_params, tags=tags, enabled=dist.is_main) as run:
+    tags = {"method": method, "student": student_label, "train_seed": str(seed)}
+    name = f"{student_label}-seed{seed}"
+    with StageRun(f"distill_{method}@{student_label}-{seed}", stage_params, tags=tags, enabled=dist.is_main) as run:
         dtype = engine.dtype_of(params.engine)
         teacher = load_model("models/teacher/sft", dtype).to(dist.device).requires_grad_(False)
-        student = load_model(f"models/{student_label}/{START_CHECKPOINT[method]}", dtype).to(dist.device)
-        # models/<student>/<method>/ holds model/ and, for MiniLLM, rollouts/; only the main rank writes, and
+        start = START_CHECKPOINT[method].format(seed=seed)
+        student = load_model(f"models/{student_label}/{start}", dtype).to(dist.device)
+        # models/<student>/seed<k>/<method>/ holds model/ and, for MiniLLM, rollouts/; only the main rank writes, and
         # the directory appears whole only when training succeeded.
-        with atomic_directory(f"models/{student_label}/{method}") if dist.is_main else contextlib.nullcontext() as out:
+        with atomic_directory(f"models/{student_label}/seed{seed}/{method}") if dist.is_main else contextlib.nullcontext() as out:
             if method == "minillm":
                 rollout_dir = out / "rollouts" if dist.is_main else None
                 if rollout_dir is not None:
                     rollout_dir.mkdir()
-                best, tokenizer, result, summary = run_minillm(params, dist, run, teacher, student, rollout_dir)
+                best, tokenizer, result, summary = run_minillm(params, seed, dist, run, teacher, student, rollout_dir)
             else:
-                best, tokenizer, result, summary = run_kd_or_seqkd(method, params, dist, run, teacher, student)
+                best, tokenizer, result, summary = run_kd_or_seqkd(method, params, seed, dist, run, teacher, student)
             if dist.is_main:
                 save_checkpoint(best, tokenizer, out / "model")
         if dist.is_main:
-            write_curves(result, f"plots/distill/{method}/{student_label}")
-            atomic_write_json(f"metrics/distill/{method}/{student_label}.json", summary)
-            print(f"distill_{method}@{student_label}: best validation Rouge-L {summary['best_valid_rouge_l']:.2f}")
+            write_curves(result, f"plots/distill/{method}/{name}")
+            atomic_write_json(f"metrics/distill/{method}/{name}.json", summary)
+            print(f"distill_{method}@{student_label}-{seed}: best validation Rouge-L {summary['best_valid_rouge_l']:.2f}")
     engine.teardown()
 
 

@@ -1,9 +1,9 @@
 """DVC stages `evaluate_teacher` and `evaluate@<method>-<student>`: spec §5 protocol on every evaluation set,
 over every seed.
 
-Writes predictions eval/<name>/<set>.jsonl (one row per example and seed) and the DVC metrics file
-metrics/eval/<name>.json (name: "teacher" or "<method>-<student>"): per set, the Rouge-L of each seed (mean over
-examples), their mean and std.
+Writes predictions eval/<name>/<set>.jsonl (one row per example and sampling seed) and the DVC metrics file
+metrics/eval/<name>.json (name: "teacher" or "<method>-<student>-seed<train seed>"): per set, the Rouge-L of each
+sampling seed (mean over examples), their mean and std.
 """
 
 import argparse
@@ -25,37 +25,42 @@ from pipeline.tracking import StageRun
 METHODS = ("teacher", "sft", "kd", "seqkd", "minillm")
 
 
-def checkpoint(method: str, student: str | None) -> str:
+def checkpoint(method: str, student: str | None, train_seed: int | None) -> str:
     """The SFT baseline is the student SFT picked by validation Rouge-L (spec §2)."""
     if method == "teacher":
         return "models/teacher/sft"
     if method == "sft":
-        return f"models/{student}/sft/best_rouge"
-    return f"models/{student}/{method}/model"
+        return f"models/{student}/seed{train_seed}/sft/best_rouge"
+    return f"models/{student}/seed{train_seed}/{method}/model"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--method", choices=METHODS, required=True)
     parser.add_argument("--student", help="a label of models.students (every method but the teacher)")
+    parser.add_argument("--seed", type=int, help="the student's training seed, one of train_seeds (not for the teacher)")
     arguments = parser.parse_args()
-    method, student = arguments.method, arguments.student
+    method, student, train_seed = arguments.method, arguments.student, arguments.seed
     params = load_params()
     if method != "teacher" and student not in params.models.students:
         raise ConfigError(f"--student {student}: not a label of models.students")
+    if method != "teacher" and train_seed not in params.train_seeds:
+        raise ConfigError(f"--seed {train_seed}: not one of train_seeds {params.train_seeds}")
+    if method == "teacher":
+        train_seed = params.seed
     config = params.evaluate
     label = params.models.teacher.label if method == "teacher" else student
-    name = "teacher" if method == "teacher" else f"{method}-{student}"  # file and directory names
-    stage = "evaluate_teacher" if method == "teacher" else f"evaluate@{method}-{student}"
+    name = "teacher" if method == "teacher" else f"{method}-{student}-seed{train_seed}"  # file and directory names
+    stage = "evaluate_teacher" if method == "teacher" else f"evaluate@{method}-{student}-{train_seed}"
     engine.seed_everything(params.seed)
     device = torch.device(params.engine.device)
 
-    tags = {"method": method, "student": label}
+    tags = {"method": method, "student": label, "train_seed": str(train_seed)}
     with StageRun(stage, {"evaluate": config.model_dump()}, tags=tags) as run:
         tokenizer = load_tokenizer("data/tokenizer")
-        model = load_model(checkpoint(method, student), engine.dtype_of(params.engine)).to(device)
+        model = load_model(checkpoint(method, student, train_seed), engine.dtype_of(params.engine)).to(device)
         sets = [set_name for set_name in EVAL_SETS if Path(f"data/eval/{set_name}.jsonl").is_file()]
-        metrics = {"method": method, "student": label, "sets": {}}
+        metrics = {"method": method, "student": label, "train_seed": train_seed, "sets": {}}
         with atomic_directory(f"eval/{name}") as predictions_dir:
             for set_name in sets:
                 records = read_jsonl(f"data/eval/{set_name}.jsonl")

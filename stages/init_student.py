@@ -1,4 +1,4 @@
-"""DVC stage `init_student@<label>`: SFT of one student without KD (spec §2).
+"""DVC stage `init_student@<label>-<train seed>`: SFT of one student without KD (spec §2).
 
 Two checkpoints: by validation Rouge-L (the "SFT w/o KD" baseline) and by validation loss (MiniLLM's start).
 """
@@ -16,29 +16,35 @@ from pipeline.tracking import StageRun
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--student", required=True, help="a label of models.students")
-    student = parser.parse_args().student
+    parser.add_argument("--seed", type=int, required=True, help="the training seed, one of train_seeds")
+    arguments = parser.parse_args()
+    student, seed = arguments.student, arguments.seed
     params = load_params()
     if student not in params.models.students:
         raise ConfigError(f"--student {student}: not a label of models.students")
+    if seed not in params.train_seeds:
+        raise ConfigError(f"--seed {seed}: not one of train_seeds {params.train_seeds}")
     engine.relaunch_if_data_parallel(params.engine)
     dist = engine.setup(params.engine)
-    engine.seed_everything(params.seed)
-    stage_params = {"seed": params.seed, "init_student": params.init_student.model_dump(), "engine": params.engine.model_dump()}
+    engine.seed_everything(seed)
+    stage_params = {"seed": seed, "init_student": params.init_student.model_dump(), "engine": params.engine.model_dump()}
 
-    with StageRun(f"init_student@{student}", stage_params, tags={"method": "sft", "student": student}, enabled=dist.is_main) as run:
+    name = f"{student}-seed{seed}"
+    tags = {"method": "sft", "student": student, "train_seed": str(seed)}
+    with StageRun(f"init_student@{student}-{seed}", stage_params, tags=tags, enabled=dist.is_main) as run:
         inputs = load_sft_inputs()
         model = load_model(f"models/{student}/base", engine.dtype_of(params.engine)).to(dist.device)
         result = train_sft(
             model=model, tokenizer=inputs.tokenizer, train_split=inputs.train_split, valid_split=inputs.valid_split,
             valid_records=inputs.valid_records, stage=params.init_student, stage_key="init_student",
-            engine_config=params.engine, dist=dist, seed=params.seed, log_metrics=run.log_metrics,
+            engine_config=params.engine, dist=dist, seed=seed, log_metrics=run.log_metrics,
         )
         if dist.is_main:
-            save_checkpoint(copy_with_state(model, result.best_rouge_state), inputs.tokenizer, f"models/{student}/sft/best_rouge")
-            save_checkpoint(copy_with_state(model, result.best_loss_state), inputs.tokenizer, f"models/{student}/sft/best_loss")
-            write_curves(result, f"plots/init_student/{student}")
-            atomic_write_json(f"metrics/init_student/{student}.json", summarize(result))
-            print(f"init_student@{student}: best validation Rouge-L {result.best_rouge_l:.2f}, best validation loss {result.best_loss:.3f}")
+            save_checkpoint(copy_with_state(model, result.best_rouge_state), inputs.tokenizer, f"models/{student}/seed{seed}/sft/best_rouge")
+            save_checkpoint(copy_with_state(model, result.best_loss_state), inputs.tokenizer, f"models/{student}/seed{seed}/sft/best_loss")
+            write_curves(result, f"plots/init_student/{name}")
+            atomic_write_json(f"metrics/init_student/{name}.json", summarize(result))
+            print(f"init_student@{student}-{seed}: best validation Rouge-L {result.best_rouge_l:.2f}, best validation loss {result.best_loss:.3f}")
     engine.teardown()
 
 

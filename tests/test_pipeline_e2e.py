@@ -18,10 +18,13 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 STUDENTS = ("tiny", "tiny2")  # tests/micro_params.yaml: two students, so every student stage is a matrix
+TRAIN_SEED = 1234  # tests/micro_params.yaml train_seeds
 METHODS = {"teacher", "sft", "kd", "seqkd", "minillm"}
-EVALUATIONS = {"evaluate_teacher"} | {f"evaluate@{m}-{s}" for m in METHODS - {"teacher"} for s in STUDENTS}
+EVALUATIONS = {"evaluate_teacher"} | {f"evaluate@{m}-{s}-{TRAIN_SEED}" for m in METHODS - {"teacher"} for s in STUDENTS}
 STAGES = {"check_params", "build_data", "pretrain_teacher", "train_teacher", "teacher_generate", "report"} | EVALUATIONS | {
-    f"{stage}@{s}" for stage in ("pretrain_student", "init_student", "distill_kd", "distill_seqkd", "distill_minillm")
+    f"pretrain_student@{s}" for s in STUDENTS
+} | {
+    f"{stage}@{s}-{TRAIN_SEED}" for stage in ("init_student", "distill_kd", "distill_seqkd", "distill_minillm")
     for s in STUDENTS
 }
 
@@ -68,7 +71,7 @@ def test_every_stage_ran_and_the_report_has_every_method(pipeline):
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout, stage
     results = pd.read_csv(workdir / "reports" / "results.csv")
-    assert list(results.columns) == ["method", "student", "eval_set", "seed", "rouge_l"]
+    assert list(results.columns) == ["method", "student", "train_seed", "eval_set", "seed", "rouge_l"]
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     assert set(results["method"]) == METHODS
     assert set(results["student"]) == {"micro-T", *STUDENTS}
@@ -78,9 +81,9 @@ def test_every_stage_ran_and_the_report_has_every_method(pipeline):
     table = (workdir / "reports" / "table1.md").read_text()
     for name in ("Teacher", "SFT w/o KD", "KD", "SeqKD", "MiniLLM", "DollyEval", "±"):
         assert name in table
-    metrics = json.loads((workdir / "metrics" / "eval" / "minillm-tiny.json").read_text())
+    metrics = json.loads((workdir / "metrics" / "eval" / f"minillm-tiny-seed{TRAIN_SEED}.json").read_text())
     assert set(metrics["sets"]["dollyeval"]["per_seed"]) == {str(s) for s in params["evaluate"]["seeds"]}
-    rollouts = sorted((workdir / "models" / "tiny2" / "minillm" / "rollouts").glob("round_*.pt"))
+    rollouts = sorted((workdir / "models" / "tiny2" / f"seed{TRAIN_SEED}" / "minillm" / "rollouts").glob("round_*.pt"))
     assert rollouts, "MiniLLM rollout buffers are saved"
 
 
@@ -125,7 +128,7 @@ def test_second_repro_does_nothing_and_eval_param_retrains_nothing(pipeline):
 def test_dvc_exp_run_with_a_param_override(pipeline):
     workdir, env, _ = pipeline
     experiment = run(["dvc", "exp", "run", "-S", "evaluate.seeds=[10]"], workdir, env)
-    assert "Running stage 'evaluate@minillm-tiny'" in experiment.stdout
+    assert f"Running stage 'evaluate@minillm-tiny-{TRAIN_SEED}'" in experiment.stdout
     assert "Running stage 'train_teacher'" not in experiment.stdout
     results = pd.read_csv(workdir / "reports" / "results.csv")
     assert set(results["seed"]) == {10}
