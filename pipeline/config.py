@@ -7,9 +7,14 @@ rejects it even when no other stage would rerun. Errors name the key: `params.ya
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
@@ -57,6 +62,9 @@ class DataConfig(Strict):
     max_length: int = Field(gt=1)
     max_prompt_length: int = Field(gt=0)
     tokenizer_vocab_size: int = Field(ge=300)  # size of the byte-level BPE trained for the synthetic source
+    # jsonl/dolly: the paper's other evaluation sets, each a local JSONL path or "hub" (pipeline.data.eval_set_records
+    # documents both accepted formats); DollyEval is always the held-out test split.
+    eval_sets: dict[Literal["selfinst", "vicunaeval", "sni", "unni"], str] = {}
     pretrain: PretrainCorpus
 
     @model_validator(mode="after")
@@ -67,6 +75,8 @@ class DataConfig(Strict):
             )
         if self.source == "jsonl" and not self.jsonl_path:
             raise ValueError("jsonl_path is required when source is 'jsonl'")
+        if self.source == "synthetic" and self.eval_sets:
+            raise ValueError("eval_sets: the synthetic source generates its own five evaluation sets; leave it empty")
         return self
 
 
@@ -229,6 +239,15 @@ class EvaluateStage(Strict):
     temperature: float = Field(gt=0)
 
 
+class CheckpointConfig(Strict):
+    """Resumable training (pipeline/checkpoint.py): state in scratch/<stage>/ every `every_steps` optimiser steps."""
+
+    every_steps: int = Field(default=50, gt=0)  # not a DVC param of any stage: when it saves never changes results
+    # A NaN/inf loss part or gradient norm stops the stage; up to this many such steps are skipped instead (the
+    # optimiser leaves weights, moments and schedule untouched), counting over the whole stage.
+    max_nonfinite_skips: int = Field(default=0, ge=0)
+
+
 class Params(Strict):
     seed: int
     train_seeds: list[int] = Field(min_length=1)
@@ -240,6 +259,7 @@ class Params(Strict):
     init_student: SFTStage
     distill: Distill
     evaluate: EvaluateStage
+    checkpoint: CheckpointConfig = CheckpointConfig()
 
     @model_validator(mode="after")
     def _train_seeds_distinct(self):
@@ -282,14 +302,68 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except UnicodeDecodeError as error:
+        line = error.object[: error.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 ({error.reason})") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {str(error).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(_format_validation_error(path, error)) from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
+    check_model_sources(params, path)
+    return params
+
+
+# A Hub repo id: `name` or `namespace/name`; anything else that is not a directory is a missing local path.
+HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def check_model_sources(params: Params, path: Path) -> None:
+    """Each `name_or_path` must be a local directory, a Hub id in the local cache, or a Hub id with the Hub
+    reachable. Caught here, before any work: otherwise `from_pretrained` retries an unreachable Hub for
+    half a minute and then fails deep inside a stage."""
+    sources = [("models.teacher.name_or_path", params.models.teacher.name_or_path)]
+    sources += [(f"models.students.{label}.name_or_path", spec.name_or_path) for label, spec in params.models.students.items()]
+    for key, name_or_path in sources:
+        if name_or_path is None or os.path.isdir(name_or_path):
+            continue
+        if not HUB_REPO_ID.match(name_or_path) or ".." in name_or_path:
+            raise ConfigError(f"{path}: {key}: '{name_or_path}' is not an existing directory")
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        try:
+            if isinstance(try_to_load_from_cache(name_or_path, "config.json"), str):
+                continue
+        except ValueError:  # the Hub's stricter id rules: no "--", no trailing "." or "-", at most 96 characters
+            raise ConfigError(f"{path}: {key}: '{name_or_path}' is neither an existing directory nor a valid Hub id") from None
+        if hub_offline():
+            raise ConfigError(
+                f"{path}: {key}: '{name_or_path}' is not a local directory nor in the Hugging Face cache, "
+                "and HF_HUB_OFFLINE is set"
+            )
+        endpoint = urlparse(constants.ENDPOINT)
+        try:
+            socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
+        except OSError:
+            raise ConfigError(
+                f"{path}: {key}: '{name_or_path}' is not a local directory nor in the Hugging Face cache, "
+                f"and {endpoint.hostname} is unreachable"
+            ) from None
+
+
+# Full disk, quota, read-only file system, no permission: the user's environment, not a bug.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def exit_on_user_error(main):
@@ -298,4 +372,10 @@ def exit_on_user_error(main):
         main()
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:
+        if error.errno not in DISK_ERRNOS:
+            raise
+        # Atomic writes have already removed their temporary files: nothing half-written is left behind.
+        print(f"error: {error.filename or 'output'}: {os.strerror(error.errno)}", file=sys.stderr)
         sys.exit(2)

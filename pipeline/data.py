@@ -8,6 +8,7 @@ longer than max_prompt_length are dropped; `full` is cut at max_length. Labels a
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 import zipfile
@@ -20,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from pipeline.config import ConfigError
+from pipeline.io import atomic_write_bytes, verify_file_checksum, write_file_checksum
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -45,8 +47,9 @@ def build_prompt(instruction: str, context: str) -> str:
 # ---------------------------------------------------------------------------------------------- records
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read JSONL, naming the file and line of anything malformed (bad UTF-8, bad JSON, not an object)."""
+def read_jsonl_numbered(path: str | Path) -> list[tuple[int, dict]]:
+    """(line number, record) per non-blank line. Names the file and line of anything malformed (bad UTF-8, bad
+    JSON, not an object, a last line cut short) and refuses a file without records."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
@@ -62,31 +65,45 @@ def read_jsonl(path: str | Path) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ConfigError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+                # A last line without its newline that does not parse is a file cut short (copy, download, disk).
+                truncated = "" if raw.endswith(b"\n") else "; the file looks truncated"
+                raise ConfigError(f"{path}:{line_number}: not valid JSON ({error.msg}){truncated}") from None
+            except RecursionError:
+                raise ConfigError(f"{path}:{line_number}: not valid JSON (nested too deeply)") from None
+            except ValueError as error:  # e.g. an integer of more than 4300 digits
+                raise ConfigError(f"{path}:{line_number}: not valid JSON ({str(error).splitlines()[0]})") from None
             if not isinstance(record, dict):
                 raise ConfigError(f"{path}:{line_number}: expected a JSON object")
-            records.append(record)
+            records.append((line_number, record))
+    if not records:
+        raise ConfigError(f"{path}: no records (the file is empty)")
     return records
 
 
-def validate_dolly_records(records: list[dict], source: str) -> tuple[list[dict], int]:
+def read_jsonl(path: str | Path) -> list[dict]:
+    return [record for _, record in read_jsonl_numbered(path)]
+
+
+def validate_dolly_records(records: list[dict], source: str, line_numbers: list[int] | None = None) -> tuple[list[dict], int]:
     """Check the Dolly schema; drop records with an empty response (documented policy) and count them.
 
     `references` (all valid responses) is optional; it defaults to [response]. Rouge-L takes the max over it.
+    Errors name `source:line` when line numbers are given (a file), else `source: record n` (the Hub).
     """
     kept, dropped_empty = [], 0
     for index, record in enumerate(records, start=1):
+        where = f"{source}:{line_numbers[index - 1]}" if line_numbers else f"{source}: record {index}"
         for field in REQUIRED_FIELDS:
             if field not in record:
-                raise ConfigError(f"{source}: record {index}: missing field '{field}'")
+                raise ConfigError(f"{where}: missing field '{field}'")
             if not isinstance(record[field], str):
-                raise ConfigError(f"{source}: record {index}: field '{field}' must be a string")
+                raise ConfigError(f"{where}: field '{field}' must be a string")
         if not record["response"].strip():
             dropped_empty += 1
             continue
         references = record.get("references", [record["response"]])
         if not isinstance(references, list) or not references or not all(isinstance(r, str) for r in references):
-            raise ConfigError(f"{source}: record {index}: 'references' must be a non-empty list of strings")
+            raise ConfigError(f"{where}: 'references' must be a non-empty list of strings")
         kept.append({field: record[field] for field in REQUIRED_FIELDS} | {"references": references})
     return kept, dropped_empty
 
@@ -97,6 +114,56 @@ def load_dolly_from_hub() -> list[dict]:
 
     dataset = datasets.load_dataset("databricks/databricks-dolly-15k", split="train")
     return [dict(row) for row in dataset]
+
+
+# The paper's other four evaluation sets as its authors publish them on the Hub (LMOps minillm/README.md; their
+# evaluation scripts read <set>/valid.jsonl, and S-NI and UnNI from the `11_` folder). DollyEval is our own
+# held-out split of Dolly (split_records).
+HUB_EVAL_SETS = {
+    "selfinst": ("MiniLLM/self-inst", "valid.jsonl"),
+    "vicunaeval": ("MiniLLM/Vicuna", "valid.jsonl"),
+    "sni": ("MiniLLM/sinst", "11_/valid.jsonl"),
+    "unni": ("MiniLLM/uinst", "11_/valid.jsonl"),
+}
+MIN_GOLD_WORDS = {"sni": 11, "unni": 11}  # spec §1: S-NI and UnNI keep only gold responses of >= 11 words
+
+
+def eval_set_records(raw: list[dict], name: str, source: str) -> tuple[list[dict], int]:
+    """Evaluation records in either accepted format, as {instruction, context, response, category, references}:
+      Dolly:   {"instruction", "context", "response", "category"?, "references"?: [str, ...]}
+      MiniLLM: {"instruction", "input"?, "output": str or [str, ...]}   (the files of HUB_EVAL_SETS)
+    All outputs or references count for Rouge-L's max; the first is the gold response. References that are empty,
+    or for S-NI and UnNI under 11 words, are dropped; a record left without one is dropped and counted."""
+    kept, dropped = [], 0
+    for index, record in enumerate(raw, start=1):
+        if "response" in record:
+            context, references = record.get("context", ""), record.get("references", [record["response"]])
+        elif "output" in record:
+            context, output = record.get("input", ""), record["output"]
+            references = output if isinstance(output, list) else [output]
+        else:
+            raise ConfigError(f"{source}: record {index}: needs 'response' (Dolly format) or 'output' (MiniLLM format)")
+        if not isinstance(record.get("instruction"), str) or not isinstance(context, str):
+            raise ConfigError(f"{source}: record {index}: 'instruction' and 'context'/'input' must be strings")
+        if not isinstance(references, list) or not all(isinstance(r, str) for r in references):
+            raise ConfigError(f"{source}: record {index}: responses must be strings")
+        references = [r for r in references if r.strip() and len(r.split()) >= MIN_GOLD_WORDS.get(name, 0)]
+        if not references:
+            dropped += 1
+            continue
+        category = record.get("category", name)
+        kept.append({"instruction": record["instruction"], "context": context, "response": references[0],
+                     "category": category if isinstance(category, str) else name, "references": references})
+    return kept, dropped
+
+
+def load_eval_set_from_hub(name: str) -> tuple[list[dict], int]:
+    """One of HUB_EVAL_SETS from the Hugging Face Hub, for users who are online."""
+    import datasets
+
+    repo, data_file = HUB_EVAL_SETS[name]
+    dataset = datasets.load_dataset(repo, data_files=data_file, split="train")
+    return eval_set_records([dict(row) for row in dataset], name, f"{repo}/{data_file}")
 
 
 def split_records(records: list[dict], valid_size: int, test_size: int, seed: int):
@@ -188,21 +255,35 @@ class TokenizedSplit:
         return cls(tokens=tokens, offsets=offsets, prompt_lengths=prompt_lengths)
 
     def save(self, path: str | Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with tmp.open("wb") as handle:
-            np.savez(handle, tokens=self.tokens, offsets=self.offsets, prompt_lengths=self.prompt_lengths)
-        tmp.replace(path)
+        """The .npz, and beside it its size and sha256, checked by `load`."""
+        buffer = io.BytesIO()
+        np.savez(buffer, tokens=self.tokens, offsets=self.offsets, prompt_lengths=self.prompt_lengths)
+        atomic_write_bytes(path, buffer.getvalue())
+        write_file_checksum(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "TokenizedSplit":
+        verify_file_checksum(path)
+        return cls.parse(path)
+
+    @classmethod
+    def parse(cls, path: str | Path) -> "TokenizedSplit":
+        """Read and check the arrays' layout (what the checksum cannot vouch for: a file saved by a buggy writer)."""
         try:
-            with np.load(path) as arrays:
+            with np.load(path, allow_pickle=False) as arrays:
                 split = cls(arrays["tokens"], arrays["offsets"], arrays["prompt_lengths"])
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
-            raise ConfigError(f"{path}: unreadable tokenized split ({error})") from None
-        if split.offsets[-1] != len(split.tokens) or len(split.offsets) != len(split.prompt_lengths) + 1:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            raise ConfigError(f"{path}: unreadable tokenized split ({' '.join(str(error).split())[:200]})") from None
+        except (AttributeError, TypeError):  # a bare .npy array, not an archive of named arrays
+            raise ConfigError(f"{path}: unreadable tokenized split (not an .npz archive)") from None
+        arrays = (split.tokens, split.offsets, split.prompt_lengths)
+        if any(a.ndim != 1 or not np.issubdtype(a.dtype, np.integer) for a in arrays):
+            raise ConfigError(f"{path}: corrupted tokenized split (arrays must be one-dimensional integers)")
+        if len(split.offsets) != len(split.prompt_lengths) + 1 or split.offsets[0] != 0 or split.offsets[-1] != len(split.tokens):
             raise ConfigError(f"{path}: corrupted tokenized split (offsets do not match the token count)")
+        lengths = np.diff(split.offsets)
+        if (lengths < 1).any() or (split.prompt_lengths < 0).any() or (split.prompt_lengths > lengths).any():
+            raise ConfigError(f"{path}: corrupted tokenized split (an example is empty or shorter than its prompt)")
         return split
 
 
@@ -241,12 +322,18 @@ def read_pretrain_documents(source: str, path: str | None, n_documents: int) -> 
         file = Path(path)
         if not file.is_file():
             raise ConfigError(f"{file}: file not found (data.pretrain.path)")
-        documents = [d.strip() for d in file.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+        raw = file.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as error:
+            line = raw[: error.start].count(b"\n") + 1
+            raise ConfigError(f"{file}:{line}: not valid UTF-8 ({error.reason})") from None
+        documents = [d.strip() for d in text.split("\n\n") if d.strip()]
     else:
         documents = []
-        for line_number, record in enumerate(read_jsonl(path), start=1):
+        for line_number, record in read_jsonl_numbered(path):
             if not isinstance(record.get("text"), str):
-                raise ConfigError(f"{path}: record {line_number}: missing string field 'text'")
+                raise ConfigError(f"{path}:{line_number}: missing string field 'text'")
             documents.append(record["text"])
     if not documents:
         raise ConfigError(f"{path}: no documents (data.pretrain.path)")

@@ -8,9 +8,11 @@ W, so the update is sum(all token losses) / N_global: independent of how the glo
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -46,8 +48,17 @@ def relaunch_if_data_parallel(engine: EngineConfig) -> None:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={engine.num_procs}", "-m"]
     else:
         launcher = ["deepspeed", f"--num_gpus={engine.num_procs}", "--module"]
-    completed = subprocess.run([*launcher, module, *sys.argv[1:]])
+    completed = subprocess.run([*launcher, module, *sys.argv[1:]], preexec_fn=die_with_parent)
     sys.exit(completed.returncode)
+
+
+def die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies. A SIGKILLed stage cannot stop its
+    launcher, nor a killed launcher its ranks (torchrun starts them in sessions of their own): without this they
+    train on as orphans and race the resumed run for scratch/ and the outputs. The launcher gets it from
+    relaunch_if_data_parallel, each rank from setup."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
 
 
 def _free_port() -> int:
@@ -62,6 +73,8 @@ def setup(engine: EngineConfig) -> Dist:
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    elif "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_SIZE" in os.environ:
+        die_with_parent()  # a rank started by torchrun or by DeepSpeed's launcher
     if engine.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("engine.device: cuda requested but no GPU is visible")
     if not dist.is_initialized():
@@ -86,12 +99,29 @@ def dtype_of(engine: EngineConfig) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[engine.precision]
 
 
-def build_optimizer(model: torch.nn.Module, optimizer: Optimizer) -> torch.optim.AdamW:
+class FiniteStepAdamW(torch.optim.AdamW):
+    """AdamW that leaves weights, moments and its step count untouched when a gradient holds a NaN or inf, and
+    says so in `overflow`, the flag DeepSpeed reads to count the step as skipped and hold the LR schedule.
+    DeepSpeed's ZeRO 1-2 optimisers already skip such steps before calling this one; this makes ZeRO 0 agree,
+    so a non-finite step never reaches the weights and a recipe may stop or skip it (checkpoint.max_nonfinite_skips).
+    """
+
+    overflow = False
+
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        self.overflow = bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(model: torch.nn.Module, optimizer: Optimizer) -> FiniteStepAdamW:
     """AdamW with no weight decay on biases and LayerNorm weights (every 1-D parameter), as spec §2."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": optimizer.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=optimizer.lr, betas=optimizer.betas)
+    return FiniteStepAdamW(groups, lr=optimizer.lr, betas=optimizer.betas)
 
 
 def build_schedule(torch_optimizer: torch.optim.Optimizer, optimizer: Optimizer, total_steps: int):

@@ -19,7 +19,9 @@ with w_t an optional per-token weight, treated as a constant.
 
 Memory: fp32 [B, T, V] log-probs of two models do not fit for real vocabularies, so the sequence is processed
 in chunks, and each chunk is recomputed during backward (activation checkpointing) instead of saving its fp32
-intermediates; only the input logits are kept for backward.
+intermediates; only the input logits are kept for backward. fused_head_reverse_kl goes one step further for
+MiniLLM's update: it starts from the last hidden states and runs both LM heads inside the recomputed chunks, so
+not even the input logits exist for the whole sequence.
 """
 
 import functools
@@ -268,6 +270,75 @@ def teacher_cross_entropy(
     return _reduce_chunked(
         _teacher_cross_entropy_per_token, student_logits, teacher_logits, mask, weights, reduction, chunk_size
     )
+
+
+def _head_chunk(
+    student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor, tokens: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    log_q = F.log_softmax(F.linear(student_hidden, student_head).float(), dim=-1)
+    log_p = F.log_softmax(F.linear(teacher_hidden, teacher_head).float(), dim=-1)
+    token_logprobs = log_q.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(log_q.exp() * log_q).sum(-1)
+    return token_logprobs, _reverse_kl_per_token(log_q, log_p), entropy
+
+
+def fused_head_reverse_kl(
+    student_hidden: Tensor,
+    student_head: Tensor,
+    teacher_hidden: Tensor,
+    teacher_head: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    *,
+    weights: Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What MiniLLM's update needs from both models' logits, computed from their last hidden states [B, T, d] and
+    LM-head weights [V, d] (bias-free heads, as GPT-2's), without ever holding [B, T, V] logits:
+
+        log q(tokens_t)                      [B, T], differentiable (the PPO term's log-probs of the sampled tokens)
+        sum_t w_t KL(q_t || p_t)             scalar, differentiable (the single-step term; w = mask when None)
+        sum_t mask_t H(q_t)                  scalar, no gradient (a diagnostic)
+
+    The teacher's hidden states and head are constants. Each chunk of positions runs both heads and the softmaxes
+    and is recomputed during backward, so memory holds one chunk's logits at a time instead of [B, T, V] fp32
+    logits and log-probs of both models.
+    """
+    if not student_hidden.shape[:2] == teacher_hidden.shape[:2] == tokens.shape == mask.shape:
+        raise ValueError(
+            f"hidden states {tuple(student_hidden.shape)} / {tuple(teacher_hidden.shape)}, "
+            f"tokens {tuple(tokens.shape)} "
+            f"and mask {tuple(mask.shape)} must agree on [B, T]"
+        )
+    if student_head.shape[0] != teacher_head.shape[0]:
+        raise ValueError(
+            f"student head vocabulary {student_head.shape[0]} != teacher head vocabulary {teacher_head.shape[0]}; "
+            "teacher and student must share one tokenizer"
+        )
+    if weights is not None and weights.shape != mask.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} must match mask {tuple(mask.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    mask = mask.to(torch.float32)
+    token_weights = mask if weights is None else torch.where(mask > 0, weights.detach().to(torch.float32), 0.0)
+    teacher_hidden, teacher_head = teacher_hidden.detach(), teacher_head.detach()
+    use_checkpoint = torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad)
+    token_logprobs, kl_sum, entropy_sum = [], student_hidden.new_zeros((), dtype=torch.float32), 0.0
+    for start in range(0, tokens.shape[1], chunk_size):
+        end = start + chunk_size
+        inputs = (
+            student_hidden[:, start:end], student_head, teacher_hidden[:, start:end], teacher_head, tokens[:, start:end]
+        )
+        if use_checkpoint:
+            chunk_logprobs, kl, entropy = checkpoint(_head_chunk, *inputs, use_reentrant=False)
+        else:
+            chunk_logprobs, kl, entropy = _head_chunk(*inputs)
+        token_logprobs.append(chunk_logprobs)
+        kl_sum = kl_sum + (kl * token_weights[:, start:end]).sum()
+        entropy_sum = entropy_sum + (entropy * mask[:, start:end]).sum()
+    return torch.cat(token_logprobs, dim=1), kl_sum, entropy_sum
 
 
 def divergence(

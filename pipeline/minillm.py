@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline import engine, losses
+from pipeline import checkpoint, engine, losses
+from pipeline.checkpoint import Checkpointer
 from pipeline.config import EngineConfig, MiniLLMMethod
 from pipeline.data import build_prompt
 from pipeline.evaluation import score_records
@@ -58,6 +60,9 @@ class MiniLLMResult:
     valid_curve: list[dict] = field(default_factory=list)
     generated_tokens: int = 0
     teacher_forward_tokens: int = 0
+    response_tokens_trained: int = 0
+    skipped_steps: int = 0
+    wall_time_s: float = 0.0
 
 
 def state_hash(model: torch.nn.Module) -> str:
@@ -93,36 +98,54 @@ def rollout_diagnostics(buffer: RolloutBuffer, teacher_mix: float) -> dict[str, 
     }
 
 
-def response_logits(model, rollout: Rollout, indices) -> torch.Tensor:
-    """Logits that predict each response token, [n, R, V], from one forward pass over [prompt; response]."""
+# Positions per chunk of the fused LM-head loss. Measured with benchmarks/bench_step.py on the embedded default's
+# shapes (vocabulary 1024, student 2x64, teacher 4x128, micro-batch 8 x 48 response tokens, 1 thread): see the
+# chunk-size note in the report; 16 ... (filled in below by measurement).
+FUSED_CHUNK = 16
+
+
+def unwrapped(model) -> torch.nn.Module:
+    """The Hugging Face model inside a DeepSpeed engine (train_minillm passes the engine), or the model itself.
+    Its parameters are the engine's, so DeepSpeed's gradient hooks on them still fire."""
+    import deepspeed
+
+    return model.module if isinstance(model, deepspeed.DeepSpeedEngine) else model
+
+
+def response_hidden_and_head(model, rollout: Rollout, indices) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last hidden states (after the final norm) that predict each response token, [n, R, d], from one forward pass
+    of the model body over [prompt; response], and the LM-head weight [V, d] that turns them into logits."""
+    model = unwrapped(model)
+    head = model.get_output_embeddings()
+    if head.bias is not None:
+        raise ValueError(f"{type(model).__name__}'s LM head has a bias; MiniLLM's fused loss assumes a bias-free head")
     prompt_ids, prompt_mask = rollout.prompt_ids[indices], rollout.prompt_mask[indices]
     response_ids, response_mask = rollout.response_ids[indices], rollout.response_mask[indices]
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
     attention = torch.cat([prompt_mask, torch.ones_like(response_mask, dtype=prompt_mask.dtype)], dim=1)
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).logits
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).last_hidden_state
     prompt_width = prompt_ids.shape[1]
-    return logits[:, prompt_width - 1 : prompt_width - 1 + response_ids.shape[1]]
+    return hidden[:, prompt_width - 1 : prompt_width - 1 + response_ids.shape[1]], head.weight
 
 
 def surrogate_sums(student, teacher, buffer: RolloutBuffer, rows: torch.Tensor, config: MiniLLMMethod) -> dict[str, torch.Tensor]:
-    """L_single and L_long summed over the response tokens of `rows` (plus the clip count and the entropy sum)."""
+    """L_single and L_long summed over the response tokens of `rows` (plus the clip count and the entropy sum).
+    Both models' logits exist one chunk of positions at a time (losses.fused_head_reverse_kl, spec §8 pitfall 1)."""
     rollout, mask = buffer.rollout, buffer.rollout.response_mask[rows]
-    student_logits = response_logits(student, rollout, rows)
+    student_hidden, student_head = response_hidden_and_head(student, rollout, rows)
     with torch.no_grad():
-        teacher_logits = response_logits(teacher, rollout, rows)
-    log_q = torch.log_softmax(student_logits.float(), dim=-1)
-    logp_new = log_q.gather(-1, rollout.response_ids[rows].unsqueeze(-1)).squeeze(-1)
+        teacher_hidden, teacher_head = response_hidden_and_head(teacher, rollout, rows)
+    logp_new, kl_sum, entropy_sum = losses.fused_head_reverse_kl(
+        student_hidden, student_head, teacher_hidden, teacher_head, rollout.response_ids[rows], mask,
+        weights=buffer.weights[rows], chunk_size=FUSED_CHUNK,
+    )
     long_sum, clipped = policy_loss(
         logp_new, rollout.student_logprobs[rows], buffer.advantages[rows], buffer.weights[rows], mask, config.clip_eps
     )
-    if config.single_step:
-        single_sum = losses.reverse_kl(student_logits, teacher_logits, mask, weights=buffer.weights[rows], reduction="sum")
-    else:
-        single_sum = long_sum.new_zeros(())
-    with torch.no_grad():
-        entropy_sum = (-(log_q.exp() * log_q).sum(-1) * mask).sum()
-    return {"single": single_sum, "long": long_sum, "clipped": clipped.float(), "entropy": entropy_sum}
+    # Without the single-step term the KL is computed but left out of the loss, so it adds no gradient.
+    single_sum = kl_sum if config.single_step else long_sum.new_zeros(())
+    return {"single": single_sum, "long": long_sum, "clipped": clipped.float(), "entropy": torch.as_tensor(entropy_sum)}
 
 
 def pt_loss_sum(model, teacher, blocks: torch.Tensor, kd_ratio: float) -> torch.Tensor:
@@ -173,6 +196,7 @@ def train_minillm(
     seed: int,
     log_metrics,
     rollout_dir: Path | None,
+    checkpointer: Checkpointer,
 ) -> MiniLLMResult:
     world, device = dist.world_size, dist.device
     grad_accum = engine.accumulation_steps(config.batch_size, config.micro_batch_size, world, "distill.minillm")
@@ -187,95 +211,133 @@ def train_minillm(
     rng = np.random.default_rng(seed)
     rollout_generator = torch.Generator(device=device).manual_seed(seed * 1000 + dist.rank)
 
-    result = MiniLLMResult(best_state=cpu_state(student))
-    initial = validate(student, teacher, tokenizer, valid_records, config, seed, device)
-    result.best_rouge_l = initial["valid/rouge_l"]
-    result.valid_curve.append({"step": 0, "valid_rouge_l": initial["valid/rouge_l"], "valid_reverse_kl": initial["valid/reverse_kl_sequence"]})
-    log_metrics(initial, 0)
-
+    # Where the loop stands: optimiser steps, rounds, and inside the current round (None: sample a new one)
+    # the inner epoch, the next mini-batch's start in `order`, and this rank's rollout buffer.
     step, round_index = 0, 0
-    progress = tqdm(total=config.steps, desc="distill minillm", disable=not dist.is_main)
+    buffer, order, inner_epoch, start = None, None, 0, 0
+    round_stats = {}  # diagnostics of the current round, logged with each of its steps
+    if checkpointer.resume is not None:
+        loop, mine = checkpointer.load(model_engine)
+        step, round_index, result = loop["step"], loop["round_index"], loop["result"]
+        order, inner_epoch, start, round_stats = loop["order"], loop["inner_epoch"], loop["start"], loop["round_stats"]
+        buffer = mine["buffer"]
+        rng.bit_generator.state = mine["generators"]["minillm"]
+        rollout_generator.set_state(mine["generators"]["rollout"])
+    else:
+        result = MiniLLMResult(best_state=cpu_state(student))
+        initial = validate(student, teacher, tokenizer, valid_records, config, seed, device)
+        result.best_rouge_l = initial["valid/rouge_l"]
+        result.valid_curve.append({"step": 0, "valid_rouge_l": initial["valid/rouge_l"], "valid_reverse_kl": initial["valid/reverse_kl_sequence"]})
+        log_metrics(initial, 0)
+    wall_time_before, segment_started = result.wall_time_s, time.perf_counter()
+
+    progress = tqdm(total=config.steps, initial=step, desc="distill minillm", disable=not dist.is_main)
     while step < config.steps:
-        # 1. Rollouts from the teacher-mixed policy, both models KV-cached.
-        round_started = time.perf_counter()
-        chosen = rng.choice(len(train_prompts), size=config.rollouts_per_round, replace=False)
-        local = chosen[dist.rank * local_rollouts : (dist.rank + 1) * local_rollouts]
-        prompt_ids, prompt_mask = left_pad([train_prompts[i] for i in local], tokenizer.pad_token_id)
-        generator_state = rollout_generator.get_state()
-        checkpoint_hash = state_hash(student)
-        rollout = sample(
-            student, prompt_ids.to(device), prompt_mask.to(device), max_new_tokens=config.max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=rollout_generator,
-            teacher=teacher, teacher_mix=config.teacher_mix,
-        )
-        # 2. Importance weights, rewards and detached advantages: constants of this round's updates.
-        buffer = make_buffer(rollout, config)
-        generated = int(engine.global_sum(float(rollout.response_mask.sum()), device))
-        result.generated_tokens += generated
-        rollout_seconds = time.perf_counter() - round_started
-        diagnostics = rollout_diagnostics(buffer, config.teacher_mix)
-        if dist.is_main:
-            torch.save(
-                {"round": round_index, "step": step, "seed": seed, "rank": dist.rank, "checkpoint_sha256": checkpoint_hash,
-                 "generator_state": generator_state, "prompt_indices": torch.from_numpy(local), "rollout": vars(rollout),
-                 "weights": buffer.weights, "rewards": buffer.rewards, "advantages": buffer.advantages},
-                rollout_dir / f"round_{round_index:04d}.pt",
+        if buffer is None:
+            # 1. Rollouts from the teacher-mixed policy, both models KV-cached.
+            round_started = time.perf_counter()
+            chosen = rng.choice(len(train_prompts), size=config.rollouts_per_round, replace=False)
+            local = chosen[dist.rank * local_rollouts : (dist.rank + 1) * local_rollouts]
+            prompt_ids, prompt_mask = left_pad([train_prompts[i] for i in local], tokenizer.pad_token_id)
+            generator_state = rollout_generator.get_state()
+            checkpoint_hash = state_hash(student)
+            rollout = sample(
+                student, prompt_ids.to(device), prompt_mask.to(device), max_new_tokens=config.max_new_tokens,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=rollout_generator,
+                teacher=teacher, teacher_mix=config.teacher_mix,
             )
+            # 2. Importance weights, rewards and detached advantages: constants of this round's updates.
+            buffer = make_buffer(rollout, config)
+            generated = int(engine.global_sum(float(rollout.response_mask.sum()), device))
+            result.generated_tokens += generated
+            round_stats = rollout_diagnostics(buffer, config.teacher_mix)
+            round_stats["rollout/tokens_per_s"] = generated / (time.perf_counter() - round_started)
+            if dist.is_main:
+                atomic_torch_save(
+                    {"round": round_index, "step": step, "seed": seed, "rank": dist.rank, "checkpoint_sha256": checkpoint_hash,
+                     "generator_state": generator_state, "prompt_indices": torch.from_numpy(local), "rollout": vars(rollout),
+                     "weights": buffer.weights, "rewards": buffer.rewards, "advantages": buffer.advantages},
+                    rollout_dir / f"round_{round_index:04d}.pt",
+                )
+            inner_epoch, start, order = 0, 0, rng.permutation(len(buffer))
 
         # 3. PPO-style inner epochs over the buffer, one optimiser step per mini-batch.
-        for _ in range(config.inner_epochs):
-            order = rng.permutation(len(buffer))
-            for start in range(0, len(buffer), local_batch):
-                if step == config.steps:
-                    break
-                started = time.perf_counter()
-                step_rows = order[start : start + local_batch]
-                micro = [step_rows[i : i + config.micro_batch_size] for i in range(0, len(step_rows), config.micro_batch_size)]
-                response_tokens = engine.global_sum(float(buffer.rollout.response_mask[step_rows].sum()), device)
-                # Drawn identically on every rank, then each rank takes its own rows.
-                pt_rows = rng.integers(0, len(pt_blocks), size=(world, grad_accum, pt_rows_per_micro))[dist.rank]
-                pt_tokens = float(world * pt_rows.size * (pt_blocks.shape[1] - 1))
-                parts = {"single": 0.0, "long": 0.0, "pt": 0.0, "clipped": 0.0, "entropy": 0.0}
-                for index, (rows, pt_indices) in enumerate(zip(micro, pt_rows)):
-                    sums = surrogate_sums(model_engine, teacher, buffer, torch.from_numpy(rows), config)
-                    pt_sum = pt_loss_sum(model_engine, teacher, pt_blocks[pt_indices].to(device), config.pt_teacher_kd_ratio)
-                    loss = (sums["single"] + sums["long"]) / response_tokens + config.pt_coef * pt_sum / pt_tokens
-                    model_engine.backward(loss * (model_engine.gradient_accumulation_steps() * world))
-                    if index == len(micro) - 1:
-                        norm = engine.grad_norm_before_step(model_engine)
-                    model_engine.step()
-                    for part in ("single", "long", "clipped", "entropy"):
-                        parts[part] += sums[part].item()
-                    parts["pt"] += pt_sum.item()
-                step += 1
-                result.teacher_forward_tokens += int(response_tokens)
-                totals = {k: engine.global_sum(v, device) for k, v in parts.items()}
-                metrics = {
-                    "loss/single_step": totals["single"] / response_tokens,
-                    "loss/long_term": totals["long"] / response_tokens,
-                    "loss/pt": totals["pt"] / pt_tokens,
-                    "train/clip_fraction": totals["clipped"] / response_tokens,
-                    "train/entropy": totals["entropy"] / response_tokens,
-                    "train/lr": model_engine.get_lr()[0],
-                    "train/grad_norm": engine.grad_norm_after_step(model_engine, norm),
-                    "train/tokens_per_s": (response_tokens + pt_tokens) / (time.perf_counter() - started),
-                    "rollout/tokens_per_s": generated / rollout_seconds,
-                    **diagnostics,
-                }
-                metrics["loss/total"] = metrics["loss/single_step"] + metrics["loss/long_term"] + config.pt_coef * metrics["loss/pt"]
-                for part in ("single_step", "long_term", "pt"):
-                    if not math.isfinite(metrics[f"loss/{part}"]):
-                        raise RuntimeError(f"distill.minillm: non-finite loss at step {step} (loss part: {part})")
-                result.train_curve.append({"step": step, **{k.replace("/", "_"): v for k, v in metrics.items()}})
-                log_metrics(metrics, step)
-                progress.update(1)
-                progress.set_postfix(reward=f"{diagnostics['rollout/reward_mean']:.2f}")
-                if step % config.eval_every == 0 or step == config.steps:
-                    scores = validate(model_engine.module, teacher, tokenizer, valid_records, config, seed, device)
-                    result.valid_curve.append({"step": step, "valid_rouge_l": scores["valid/rouge_l"], "valid_reverse_kl": scores["valid/reverse_kl_sequence"]})
-                    log_metrics(scores, step)
-                    if scores["valid/rouge_l"] > result.best_rouge_l:
-                        result.best_rouge_l, result.best_state = scores["valid/rouge_l"], cpu_state(model_engine.module)
-        round_index += 1
+        started = time.perf_counter()
+        step_rows = order[start : start + local_batch]
+        micro = [step_rows[i : i + config.micro_batch_size] for i in range(0, len(step_rows), config.micro_batch_size)]
+        response_tokens = engine.global_sum(float(buffer.rollout.response_mask[step_rows].sum()), device)
+        # Drawn identically on every rank, then each rank takes its own rows.
+        pt_rows = rng.integers(0, len(pt_blocks), size=(world, grad_accum, pt_rows_per_micro))[dist.rank]
+        pt_tokens = float(world * pt_rows.size * (pt_blocks.shape[1] - 1))
+        parts = {"single": 0.0, "long": 0.0, "pt": 0.0, "clipped": 0.0, "entropy": 0.0}
+        for index, (rows, pt_indices) in enumerate(zip(micro, pt_rows)):
+            sums = surrogate_sums(model_engine, teacher, buffer, torch.from_numpy(rows), config)
+            pt_sum = pt_loss_sum(model_engine, teacher, pt_blocks[pt_indices].to(device), config.pt_teacher_kd_ratio)
+            loss = (sums["single"] + sums["long"]) / response_tokens + config.pt_coef * pt_sum / pt_tokens
+            model_engine.backward(loss * (model_engine.gradient_accumulation_steps() * world))
+            if index == len(micro) - 1:
+                norm = engine.grad_norm_before_step(model_engine)
+            model_engine.step()
+            for part in ("single", "long", "clipped", "entropy"):
+                parts[part] += sums[part].item()
+            parts["pt"] += pt_sum.item()
+        step += 1
+        start += local_batch
+        if start >= len(buffer):
+            inner_epoch, start = inner_epoch + 1, 0
+            if inner_epoch < config.inner_epochs:
+                order = rng.permutation(len(buffer))
+            else:
+                buffer, round_index = None, round_index + 1
+
+        totals = {k: engine.global_sum(v, device) for k, v in parts.items()}
+        metrics = {
+            "loss/single_step": totals["single"] / response_tokens,
+            "loss/long_term": totals["long"] / response_tokens,
+            "loss/pt": totals["pt"] / pt_tokens,
+            "train/clip_fraction": totals["clipped"] / response_tokens,
+            "train/entropy": totals["entropy"] / response_tokens,
+            "train/lr": model_engine.get_lr()[0],
+            "train/grad_norm": engine.grad_norm_after_step(model_engine, norm),
+            "train/tokens_per_s": (response_tokens + pt_tokens) / (time.perf_counter() - started),
+            **round_stats,
+        }
+        metrics["loss/total"] = metrics["loss/single_step"] + metrics["loss/long_term"] + config.pt_coef * metrics["loss/pt"]
+        bad_part = checkpoint.first_nonfinite(
+            {"single_step": metrics["loss/single_step"], "long_term": metrics["loss/long_term"], "pt": metrics["loss/pt"],
+             "grad_norm": metrics["train/grad_norm"]}
+        )
+        if bad_part is not None:
+            result.skipped_steps = checkpoint.skip_or_stop(
+                "distill.minillm", step, bad_part, result.skipped_steps, checkpointer.max_nonfinite_skips
+            )
+        else:
+            result.response_tokens_trained += int(response_tokens)
+            result.teacher_forward_tokens += int(response_tokens)
+            result.train_curve.append({"step": step, **{k.replace("/", "_"): v for k, v in metrics.items()}})
+            log_metrics(metrics, step)
+            progress.set_postfix(reward=f"{round_stats['rollout/reward_mean']:.2f}")
+        progress.update(1)
+        if step % config.eval_every == 0 or step == config.steps:
+            scores = validate(model_engine.module, teacher, tokenizer, valid_records, config, seed, device)
+            result.valid_curve.append({"step": step, "valid_rouge_l": scores["valid/rouge_l"], "valid_reverse_kl": scores["valid/reverse_kl_sequence"]})
+            log_metrics(scores, step)
+            if scores["valid/rouge_l"] > result.best_rouge_l:
+                result.best_rouge_l, result.best_state = scores["valid/rouge_l"], cpu_state(model_engine.module)
+        result.wall_time_s = wall_time_before + time.perf_counter() - segment_started
+        if checkpointer.due(step) and step < config.steps:
+            checkpointer.save(
+                model_engine, step,
+                {"step": step, "round_index": round_index, "result": result, "order": order, "inner_epoch": inner_epoch,
+                 "start": start, "round_stats": round_stats},
+                {"buffer": buffer, "generators": {"minillm": rng.bit_generator.state, "rollout": rollout_generator.get_state()}},
+            )
     progress.close()
     return result
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """torch.save through a temporary file renamed into place: a kill mid-write leaves no truncated round file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline import engine, losses
+from pipeline import checkpoint, engine, losses
+from pipeline.checkpoint import Checkpointer
 from pipeline.config import ConfigError, EngineConfig, SFTStage
 from pipeline.data import TokenizedSplit, sft_batch
 from pipeline.evaluation import evaluate_rouge_l
@@ -47,22 +48,32 @@ class SFTResult:
     valid_curve: list[dict] = field(default_factory=list)
     response_tokens_trained: int = 0
     teacher_forward_tokens: int = 0
+    skipped_steps: int = 0
+    wall_time_s: float = 0.0
 
 
-def response_token_loss_sum(model, batch: dict, kd: KDTerm | None) -> tuple[torch.Tensor, int]:
-    """Sum over response tokens of the (KD-mixed) loss, and how many tokens it covers."""
+def response_token_loss_parts(model, batch: dict, kd: KDTerm | None) -> tuple[dict[str, torch.Tensor], int]:
+    """Sums over response tokens of the CE and (with a KD term) the divergence, and how many tokens they cover."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     targets = batch["labels"][:, 1:]
     mask = targets != -100
     ce_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
     if kd is None:
-        return ce_sum, int(mask.sum())
+        return {"ce": ce_sum}, int(mask.sum())
     with torch.no_grad():
         teacher_logits = kd.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     kd_sum = losses.divergence(
         kd.divergence, logits, teacher_logits, mask, beta=kd.beta, alpha=kd.alpha, reduction="sum"
     )
-    return (1.0 - kd.ratio) * ce_sum + kd.ratio * kd_sum, int(mask.sum())
+    return {"ce": ce_sum, "kd": kd_sum}, int(mask.sum())
+
+
+def response_token_loss_sum(model, batch: dict, kd: KDTerm | None) -> tuple[torch.Tensor, int]:
+    """Sum over response tokens of the (KD-mixed) loss, and how many tokens it covers."""
+    parts, tokens = response_token_loss_parts(model, batch, kd)
+    if kd is None:
+        return parts["ce"], tokens
+    return (1.0 - kd.ratio) * parts["ce"] + kd.ratio * parts["kd"], tokens
 
 
 @torch.no_grad()
@@ -96,6 +107,7 @@ def train_sft(
     dist: engine.Dist,
     seed: int,
     log_metrics,
+    checkpointer: Checkpointer,
     kd: KDTerm | None = None,
 ) -> SFTResult:
     world = dist.world_size
@@ -128,50 +140,63 @@ def train_sft(
         result.valid_curve.append(point)
         log_metrics({"valid/loss": loss, "valid/rouge_l": rouge}, step)
 
-    model_engine.train()
     step = 0
-    progress = tqdm(total=total_steps, desc=stage_key, disable=not dist.is_main)
-    for epoch in range(stage.epochs):
+    if checkpointer.resume is not None:
+        loop_state, _ = checkpointer.load(model_engine)
+        step, result = loop_state["step"], loop_state["result"]
+    wall_time_before, segment_started = result.wall_time_s, time.perf_counter()
+    model_engine.train()
+    progress = tqdm(total=total_steps, initial=step, desc=stage_key, disable=not dist.is_main)
+    while step < total_steps:
+        epoch, epoch_step = divmod(step, steps_per_epoch)
         # Same permutation on every rank: ranks then take disjoint slices of each global batch.
         permutation = np.random.default_rng(seed + epoch).permutation(len(train_split))
-        for epoch_step in range(steps_per_epoch):
-            started = time.perf_counter()
-            step_indices = permutation[epoch_step * stage.batch_size : (epoch_step + 1) * stage.batch_size]
-            micro_batches = [
-                {k: v.to(dist.device) for k, v in sft_batch(train_split, indices, pad).items()}
-                for indices in engine.micro_batch_indices(step_indices, stage.micro_batch_size, grad_accum, dist)
-            ]
-            local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
-            global_tokens = engine.global_sum(local_tokens, dist.device)
-            step_loss = 0.0
-            for index, batch in enumerate(micro_batches):
-                loss_sum, _ = response_token_loss_sum(model_engine, batch, kd)
-                model_engine.backward(engine.scale_for_global_mean(loss_sum, global_tokens, model_engine, world))
-                if index == len(micro_batches) - 1:
-                    norm = engine.grad_norm_before_step(model_engine)
-                model_engine.step()
-                step_loss += loss_sum.item()
-            step += 1
-            step_loss = engine.global_sum(step_loss, dist.device) / global_tokens
-            if not math.isfinite(step_loss):
-                raise RuntimeError(f"{stage_key}: non-finite training loss at step {step} (loss part: total)")
-            elapsed = time.perf_counter() - started
+        started = time.perf_counter()
+        step_indices = permutation[epoch_step * stage.batch_size : (epoch_step + 1) * stage.batch_size]
+        micro_batches = [
+            {k: v.to(dist.device) for k, v in sft_batch(train_split, indices, pad).items()}
+            for indices in engine.micro_batch_indices(step_indices, stage.micro_batch_size, grad_accum, dist)
+        ]
+        local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+        global_tokens = engine.global_sum(local_tokens, dist.device)
+        step_loss, part_sums = 0.0, {}
+        for index, batch in enumerate(micro_batches):
+            parts, _ = response_token_loss_parts(model_engine, batch, kd)
+            loss_sum = parts["ce"] if kd is None else (1.0 - kd.ratio) * parts["ce"] + kd.ratio * parts["kd"]
+            model_engine.backward(engine.scale_for_global_mean(loss_sum, global_tokens, model_engine, world))
+            if index == len(micro_batches) - 1:
+                norm = engine.grad_norm_before_step(model_engine)
+            model_engine.step()
+            step_loss += loss_sum.item()
+            for name, value in parts.items():
+                part_sums[name] = part_sums.get(name, 0.0) + value.item()
+        step += 1
+        step_loss = engine.global_sum(step_loss, dist.device) / global_tokens
+        grad_norm = engine.grad_norm_after_step(model_engine, norm)
+        checked = {name: engine.global_sum(value, dist.device) for name, value in part_sums.items()} | {"grad_norm": grad_norm}
+        bad_part = checkpoint.first_nonfinite(checked)
+        if bad_part is not None:
+            result.skipped_steps = checkpoint.skip_or_stop(stage_key, step, bad_part, result.skipped_steps, checkpointer.max_nonfinite_skips)
+        else:
             point = {
                 "step": step,
                 "train_loss": step_loss,
                 "lr": model_engine.get_lr()[0],
-                "grad_norm": engine.grad_norm_after_step(model_engine, norm),
-                "tokens_per_s": global_tokens / elapsed,
+                "grad_norm": grad_norm,
+                "tokens_per_s": global_tokens / (time.perf_counter() - started),
             }
             result.train_curve.append(point)
             result.response_tokens_trained += int(global_tokens)
             if kd is not None:
                 result.teacher_forward_tokens += int(global_tokens)
             log_metrics({f"train/{k.removeprefix('train_')}": v for k, v in point.items() if k != "step"}, step)
-            progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.3f}")
-            if step % stage.eval_every == 0 or step == total_steps:
-                validate(step)
+        progress.update(1)
+        if step % stage.eval_every == 0 or step == total_steps:
+            validate(step)
+        result.wall_time_s = wall_time_before + time.perf_counter() - segment_started
+        if checkpointer.due(step) and step < total_steps:
+            checkpointer.save(model_engine, step, {"step": step, "result": result}, rank_state={})
     progress.close()
     return result
 
@@ -183,6 +208,11 @@ def summarize(result: SFTResult) -> dict:
         "final_train_loss": result.train_curve[-1]["train_loss"],
         "mean_tokens_per_s": statistics.fmean(p["tokens_per_s"] for p in result.train_curve),
         "steps": len(result.train_curve),
+        "skipped_steps": result.skipped_steps,
+        "wall_time_s": result.wall_time_s,
+        "response_tokens_trained": result.response_tokens_trained,
+        "teacher_forward_tokens": result.teacher_forward_tokens,
+        "generated_tokens": 0,
     }
 
 

@@ -195,6 +195,24 @@ class StageRun:
         except Exception as error:
             self._disable(error)
 
+    def log_child_run(self, name: str, tags: dict[str, str], metrics: dict[str, float]) -> None:
+        """A finished run nested under this one, with this run's tags plus `tags`, holding `metrics`: the evaluate
+        stage logs one per evaluation set, so that filters such as `tags.eval_set = 'sni'` select single sets."""
+        if self._client is None:
+            return
+        try:
+            stage_run = self._client.get_run(self.run_id)
+            shared = ("git.commit", "pipeline.execution_id", "dvc.exp_name")
+            child_tags = {key: value for key, value in stage_run.data.tags.items() if key in shared}
+            child_tags |= self.extra_tags | {"dvc.stage": self.stage, "mlflow.parentRunId": self.run_id} | tags
+            child = self._client.create_run(stage_run.info.experiment_id, tags=child_tags, run_name=name)
+            timestamp_ms = int(time.time() * 1000)
+            child_metrics = [Metric(key, float(value), timestamp_ms, 0) for key, value in metrics.items()]
+            self._client.log_batch(child.info.run_id, metrics=child_metrics)
+            self._client.set_terminated(child.info.run_id, "FINISHED")
+        except Exception as error:
+            self._disable(error)
+
     def _start(self) -> None:
         client = _open_client(self.uri)
         experiment_id = _experiment_id(client, self.experiment, _artifact_location(self.uri))

@@ -9,13 +9,14 @@ import numpy as np
 
 from pipeline import data, synthetic
 from pipeline.config import ConfigError, exit_on_user_error, load_params
-from pipeline.io import atomic_directory, atomic_write_json, atomic_write_jsonl
+from pipeline.io import atomic_directory, atomic_write_json, atomic_write_jsonl, write_checksums
 from pipeline.models import load_tokenizer
 from pipeline.tracking import StageRun
 
 
 def load_instruction_splits(params):
-    """-> train, valid, {eval set: records}. Synthetic gives all five slots; Dolly/JSONL give DollyEval."""
+    """-> train, valid, {eval set: records}. Synthetic gives all five slots; Dolly/JSONL give DollyEval plus the
+    sets listed in data.eval_sets."""
     config = params.data
     if config.source == "synthetic":
         suite = synthetic.build_suite(
@@ -24,12 +25,21 @@ def load_instruction_splits(params):
         eval_sets = {name: suite[name] for name in synthetic.EVAL_SETS}
         return suite["train"], suite["valid"], eval_sets, 0
     if config.source == "jsonl":
-        raw, source = data.read_jsonl(config.jsonl_path), config.jsonl_path
+        numbered = data.read_jsonl_numbered(config.jsonl_path)
+        raw, line_numbers = [record for _, record in numbered], [line for line, _ in numbered]
+        records, dropped_empty = data.validate_dolly_records(raw, config.jsonl_path, line_numbers)
     else:
-        raw, source = data.load_dolly_from_hub(), "databricks/databricks-dolly-15k"
-    records, dropped_empty = data.validate_dolly_records(raw, source)
+        records, dropped_empty = data.validate_dolly_records(data.load_dolly_from_hub(), "databricks/databricks-dolly-15k")
     train, valid, test = data.split_records(records, config.valid_size, config.test_size, params.seed)
-    return train, valid, {"dollyeval": test}, dropped_empty
+    eval_sets = {"dollyeval": test}
+    for name, source in config.eval_sets.items():
+        if source == "hub":
+            eval_sets[name], dropped = data.load_eval_set_from_hub(name)
+        else:
+            eval_sets[name], dropped = data.eval_set_records(data.read_jsonl(source), name, source)
+        print(f"build_data: {name}: {len(eval_sets[name])} records from {source} ({dropped} dropped: no gold response "
+              "of the required length)")
+    return train, valid, eval_sets, dropped_empty
 
 
 def pretrain_documents(params) -> list[str]:
@@ -59,6 +69,7 @@ def main() -> None:
         stats = {"dropped_empty_response": dropped_empty, "vocab_size": len(tokenizer), "vocab_hash": data.vocabulary_hash(tokenizer)}
         with atomic_directory("data") as out:
             tokenizer.save_pretrained(out / "tokenizer")
+            write_checksums(out / "tokenizer")
             (out / "tokenized").mkdir()
             for name, records in (("train", train), ("valid", valid)):
                 split, kept, dropped = data.tokenize_records(tokenizer, records, config.max_length, config.max_prompt_length)

@@ -8,15 +8,16 @@ Every method keeps the checkpoint with the best validation Rouge-L.
 
 import argparse
 import contextlib
+import shutil
 
 import numpy as np
 import torch
 
-from pipeline import engine
+from pipeline import checkpoint, engine
 from pipeline.config import ConfigError, exit_on_user_error, load_params
 from pipeline.io import atomic_directory, atomic_write_json
 from pipeline.minillm import train_minillm
-from pipeline.models import load_model, save_checkpoint
+from pipeline.models import count_parameters, load_model, save_checkpoint
 from pipeline.sft import KDTerm, copy_with_state, load_sft_inputs, summarize, train_sft, write_curves
 from pipeline.tracking import StageRun
 
@@ -25,7 +26,7 @@ from pipeline.tracking import StageRun
 START_CHECKPOINT = {"kd": "base", "seqkd": "base", "minillm": "seed{seed}/sft/best_loss"}
 
 
-def run_kd_or_seqkd(method, params, seed, dist, run, teacher, student):
+def run_kd_or_seqkd(method, params, seed, dist, run, teacher, student, checkpointer):
     config = params.distill.kd if method == "kd" else params.distill.seqkd
     inputs = load_sft_inputs("data/tokenized/train.npz" if method == "kd" else "teacher_data/train.npz")
     kd_ratio = config.ratio if method == "kd" else config.kd_ratio
@@ -35,14 +36,12 @@ def run_kd_or_seqkd(method, params, seed, dist, run, teacher, student):
     result = train_sft(
         model=student, tokenizer=inputs.tokenizer, train_split=inputs.train_split, valid_split=inputs.valid_split,
         valid_records=inputs.valid_records, stage=config.train, stage_key=f"distill.{method}.train",
-        engine_config=params.engine, dist=dist, seed=seed, log_metrics=run.log_metrics, kd=kd,
+        engine_config=params.engine, dist=dist, seed=seed, log_metrics=run.log_metrics, checkpointer=checkpointer, kd=kd,
     )
-    summary = summarize(result) | {"response_tokens_trained": result.response_tokens_trained,
-                                   "teacher_forward_tokens": result.teacher_forward_tokens}
-    return copy_with_state(student, result.best_rouge_state), inputs.tokenizer, result, summary
+    return copy_with_state(student, result.best_rouge_state), inputs.tokenizer, result, summarize(result)
 
 
-def run_minillm(params, seed, dist, run, teacher, student, rollout_dir):
+def run_minillm(params, seed, dist, run, teacher, student, rollout_dir, checkpointer):
     config = params.distill.minillm
     inputs = load_sft_inputs()
     train_prompts = [inputs.train_split.example(i)[0][: inputs.train_split.example(i)[1]] for i in range(len(inputs.train_split))]
@@ -50,10 +49,12 @@ def run_minillm(params, seed, dist, run, teacher, student, rollout_dir):
     result = train_minillm(
         student=student, teacher=teacher, tokenizer=inputs.tokenizer, train_prompts=train_prompts,
         pt_blocks=pt_blocks, valid_records=inputs.valid_records, config=config, engine_config=params.engine,
-        dist=dist, seed=seed, log_metrics=run.log_metrics, rollout_dir=rollout_dir,
+        dist=dist, seed=seed, log_metrics=run.log_metrics, rollout_dir=rollout_dir, checkpointer=checkpointer,
     )
     summary = {"best_valid_rouge_l": result.best_rouge_l, "steps": len(result.train_curve),
-               "generated_tokens": result.generated_tokens, "teacher_forward_tokens": result.teacher_forward_tokens,
+               "skipped_steps": result.skipped_steps, "wall_time_s": result.wall_time_s,
+               "response_tokens_trained": result.response_tokens_trained, "generated_tokens": result.generated_tokens,
+               "teacher_forward_tokens": result.teacher_forward_tokens,
                "final_reward_mean": result.train_curve[-1]["rollout_reward_mean"]}
     return copy_with_state(student, result.best_state), inputs.tokenizer, result, summary
 
@@ -74,30 +75,45 @@ def main() -> None:
     dist = engine.setup(params.engine)
     engine.seed_everything(seed)
     stage_params = {"seed": seed, f"distill.{method}": params.distill.model_dump()[method],
-                    "engine": params.engine.model_dump()}
+                    "engine": params.engine.model_dump(), "max_nonfinite_skips": params.checkpoint.max_nonfinite_skips}
     tags = {"method": method, "student": student_label, "train_seed": str(seed)}
     name = f"{student_label}-seed{seed}"
-    with StageRun(f"distill_{method}@{student_label}-{seed}", stage_params, tags=tags, enabled=dist.is_main) as run:
+    stage = f"distill_{method}@{student_label}-{seed}"
+    start = START_CHECKPOINT[method].format(seed=seed)
+    inputs = {"kd": ["data/tokenized"], "seqkd": ["teacher_data", "data/tokenized/valid.npz"],
+              "minillm": ["data/tokenized", "data/pretrain"]}[method]
+    fingerprint = checkpoint.fingerprint(stage_params, [
+        f"models/{student_label}/{start}", "models/teacher/sft", "data/tokenizer", "data/instructions/valid.jsonl", *inputs,
+    ])
+    resume = checkpoint.find(stage, fingerprint, dist)
+    if resume is not None and resume.run_id:
+        tags["resumed_from"] = resume.run_id
+    with StageRun(stage, stage_params, tags=tags, enabled=dist.is_main) as run:
+        checkpointer = checkpoint.Checkpointer(stage, fingerprint, params.checkpoint, dist, resume, run.run_id)
         dtype = engine.dtype_of(params.engine)
         teacher = load_model("models/teacher/sft", dtype).to(dist.device).requires_grad_(False)
-        start = START_CHECKPOINT[method].format(seed=seed)
         student = load_model(f"models/{student_label}/{start}", dtype).to(dist.device)
         # models/<student>/seed<k>/<method>/ holds model/ and, for MiniLLM, rollouts/; only the main rank writes, and
         # the directory appears whole only when training succeeded.
         with atomic_directory(f"models/{student_label}/seed{seed}/{method}") if dist.is_main else contextlib.nullcontext() as out:
             if method == "minillm":
-                rollout_dir = out / "rollouts" if dist.is_main else None
+                # Rounds are saved in scratch/ while training, so that those before a kill survive the resume.
+                rollout_dir = checkpointer.directory / "rollouts" if dist.is_main else None
                 if rollout_dir is not None:
-                    rollout_dir.mkdir()
-                best, tokenizer, result, summary = run_minillm(params, seed, dist, run, teacher, student, rollout_dir)
+                    rollout_dir.mkdir(exist_ok=True)
+                best, tokenizer, result, summary = run_minillm(params, seed, dist, run, teacher, student, rollout_dir, checkpointer)
+                if dist.is_main:
+                    shutil.copytree(rollout_dir, out / "rollouts")
             else:
-                best, tokenizer, result, summary = run_kd_or_seqkd(method, params, seed, dist, run, teacher, student)
+                best, tokenizer, result, summary = run_kd_or_seqkd(method, params, seed, dist, run, teacher, student, checkpointer)
             if dist.is_main:
                 save_checkpoint(best, tokenizer, out / "model")
+                summary["parameters"] = count_parameters(best)
         if dist.is_main:
             write_curves(result, f"plots/distill/{method}/{name}")
             atomic_write_json(f"metrics/distill/{method}/{name}.json", summary)
             print(f"distill_{method}@{student_label}-{seed}: best validation Rouge-L {summary['best_valid_rouge_l']:.2f}")
+        checkpointer.finish()
     engine.teardown()
 
 

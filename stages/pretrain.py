@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline import engine
+from pipeline import checkpoint, engine
 from pipeline.config import ConfigError, exit_on_user_error, load_params
 from pipeline.data import check_same_tokenizer
 from pipeline.io import atomic_write_json
@@ -34,9 +34,14 @@ def main() -> None:
     engine.relaunch_if_data_parallel(params.engine)
     dist = engine.setup(params.engine)
     engine.seed_everything(params.seed)
-    stage_params = {"seed": params.seed, "model_spec": spec.model_dump(), "pretrain": params.pretrain.model_dump(), "engine": params.engine.model_dump()}
+    stage_params = {"seed": params.seed, "model_spec": spec.model_dump(), "pretrain": params.pretrain.model_dump(),
+                    "engine": params.engine.model_dump(), "max_nonfinite_skips": params.checkpoint.max_nonfinite_skips}
+    fingerprint = checkpoint.fingerprint(stage_params | {"max_length": params.data.max_length}, ["data/tokenizer", "data/pretrain"])
+    resume = checkpoint.find(stage, fingerprint, dist)
+    tags = {"model": model_name} | ({"resumed_from": resume.run_id} if resume and resume.run_id else {})
 
-    with StageRun(stage, stage_params if dist.is_main else {}, tags={"model": model_name}, enabled=dist.is_main) as run:
+    with StageRun(stage, stage_params if dist.is_main else {}, tags=tags, enabled=dist.is_main) as run:
+        checkpointer = checkpoint.Checkpointer(stage, fingerprint, params.checkpoint, dist, resume, run.run_id)
         tokenizer = load_tokenizer("data/tokenizer")
         if spec.name_or_path:
             # Distillation compares distributions token by token: one vocabulary, checked by content, not size.
@@ -44,6 +49,7 @@ def main() -> None:
             if dist.is_main:
                 save_pointer(spec.name_or_path, out_dir)
                 atomic_write_json(metrics_path, {"skipped": 1, "steps": 0})
+            checkpointer.finish()
             print(f"{stage}: pretrained model '{spec.name_or_path}', nothing to train")
             return
 
@@ -52,10 +58,16 @@ def main() -> None:
         config = params.pretrain
         grad_accum = engine.accumulation_steps(config.batch_size, config.micro_batch_size, dist.world_size, "pretrain")
         model_engine = engine.initialize(model, config.optimizer, config.steps, config.micro_batch_size, grad_accum, params.engine)
-        model_engine.train()
         rng = np.random.default_rng(params.seed)
-        losses = []
-        for step in tqdm(range(1, config.steps + 1), desc=stage, disable=not dist.is_main):
+        losses, done_steps, skipped, wall_time_before = [], 0, 0, 0.0
+        if checkpointer.resume is not None:
+            loop, mine = checkpointer.load(model_engine)
+            losses, done_steps, skipped, wall_time_before = loop["losses"], loop["step"], loop["skipped"], loop["wall_time_s"]
+            rng.bit_generator.state = mine["generators"]["pretrain"]
+        segment_started = time.perf_counter()
+        model_engine.train()
+        steps = range(done_steps + 1, config.steps + 1)
+        for step in tqdm(steps, initial=done_steps, total=config.steps, desc=stage, disable=not dist.is_main):
             started = time.perf_counter()
             step_indices = rng.integers(0, len(blocks), size=config.batch_size)
             micro = engine.micro_batch_indices(step_indices, config.micro_batch_size, grad_accum, dist)
@@ -71,20 +83,30 @@ def main() -> None:
                 model_engine.step()
                 step_loss += loss_sum.item()
             step_loss = engine.global_sum(step_loss, dist.device) / global_tokens
-            losses.append(step_loss)
-            run.log_metrics(
-                {"train/loss": step_loss, "train/lr": model_engine.get_lr()[0],
-                 "train/grad_norm": engine.grad_norm_after_step(model_engine, norm),
-                 "train/tokens_per_s": global_tokens / (time.perf_counter() - started)},
-                step,
-            )
+            grad_norm = engine.grad_norm_after_step(model_engine, norm)
+            bad_part = checkpoint.first_nonfinite({"lm": step_loss, "grad_norm": grad_norm})
+            if bad_part is not None:
+                skipped = checkpoint.skip_or_stop("pretrain", step, bad_part, skipped, params.checkpoint.max_nonfinite_skips)
+            else:
+                losses.append(step_loss)
+                run.log_metrics(
+                    {"train/loss": step_loss, "train/lr": model_engine.get_lr()[0], "train/grad_norm": grad_norm,
+                     "train/tokens_per_s": global_tokens / (time.perf_counter() - started)},
+                    step,
+                )
+            if checkpointer.due(step) and step < config.steps:
+                loop = {"step": step, "losses": losses, "skipped": skipped,
+                        "wall_time_s": wall_time_before + time.perf_counter() - segment_started}
+                checkpointer.save(model_engine, step, loop, {"generators": {"pretrain": rng.bit_generator.state}})
         if dist.is_main:
             save_checkpoint(model_engine.module, tokenizer, out_dir)
             metrics = {"skipped": 0, "steps": config.steps, "final_loss": float(np.mean(losses[-20:])),
-                       "parameters": count_parameters(model)}
+                       "parameters": count_parameters(model), "skipped_steps": skipped,
+                       "wall_time_s": wall_time_before + time.perf_counter() - segment_started}
             atomic_write_json(metrics_path, metrics)
             run.log_metrics({"final_loss": metrics["final_loss"], "parameters": metrics["parameters"]})
             print(f"{stage}: {metrics['parameters']:,} parameters, final loss {metrics['final_loss']:.3f}")
+        checkpointer.finish()
     engine.teardown()
 
 

@@ -34,6 +34,8 @@ def main() -> None:
         if not teacher_records:
             raise ConfigError("teacher_generate: the teacher produced no non-empty response")
         split, kept, _ = tokenize_records(tokenizer, teacher_records, params.data.max_length, params.data.max_prompt_length)
+        if not kept:
+            raise ConfigError(f"teacher_generate: every prompt is over data.max_prompt_length ({params.data.max_prompt_length})")
         with atomic_directory("teacher_data") as out:
             atomic_write_jsonl(out / "train.jsonl", kept)
             split.save(out / "train.npz")

@@ -18,12 +18,12 @@ RECORDS = [
 ] + [{"instruction": "Empty one", "context": "", "response": "   ", "category": "open_qa"}]
 
 
-def run_build_data(tmp_path, lines: list[str]):
+def run_build_data(tmp_path, lines: list[str], eval_sets: dict | None = None):
     source = tmp_path / "dolly.jsonl"
     source.write_text("\n".join(lines) + "\n", encoding="utf-8")
     params = yaml.safe_load((REPO / "tests" / "micro_params.yaml").read_text())
     params["data"].update(source="jsonl", jsonl_path=str(source), valid_size=2, test_size=3, tokenizer_vocab_size=300,
-                          max_length=512, max_prompt_length=448)
+                          max_length=512, max_prompt_length=448, eval_sets=eval_sets or {})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
            "HOME": str(tmp_path)}
@@ -54,3 +54,24 @@ def test_malformed_jsonl_names_file_and_line_and_writes_nothing(tmp_path):
     assert last_line == f"error: {tmp_path / 'dolly.jsonl'}:4: not valid JSON (Expecting ',' delimiter)"
     assert "Traceback" not in completed.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_local_evaluation_sets_in_the_minillm_format_keep_long_gold_responses_for_sni(tmp_path):
+    eleven_words = "one two three four five six seven eight nine ten eleven"
+    sni = [
+        {"instruction": "Summarise.", "input": "A text.", "output": eleven_words},
+        {"instruction": "Too short.", "input": "", "output": "only nine words here so it is dropped now"},
+        {"instruction": "Two golds.", "input": "", "output": ["short one", eleven_words + " twelve"]},
+    ]
+    (tmp_path / "sni.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sni), encoding="utf-8")
+    selfinst = [{"instruction": "Say hi.", "input": "", "output": "Hi."}]
+    (tmp_path / "selfinst.jsonl").write_text(json.dumps(selfinst[0]) + "\n", encoding="utf-8")
+    completed = run_build_data(tmp_path, [json.dumps(r, ensure_ascii=False) for r in RECORDS],
+                               eval_sets={"sni": str(tmp_path / "sni.jsonl"), "selfinst": str(tmp_path / "selfinst.jsonl")})
+    assert completed.returncode == 0, completed.stderr
+    kept = [json.loads(line) for line in (tmp_path / "data" / "eval" / "sni.jsonl").read_text().splitlines()]
+    assert [r["instruction"] for r in kept] == ["Summarise.", "Two golds."]
+    assert kept[1]["references"] == [eleven_words + " twelve"]  # the short reference is dropped, not the record
+    assert kept[0]["context"] == "A text."
+    selfinst_kept = [json.loads(line) for line in (tmp_path / "data" / "eval" / "selfinst.jsonl").read_text().splitlines()]
+    assert selfinst_kept[0]["response"] == "Hi."  # no length filter outside S-NI and UnNI

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,17 @@ def test_committed_params_are_valid():
         (lambda p: p["evaluate"].update(max_new_tokens=4096), r"evaluate\.max_new_tokens \(4096\) exceeds"),
         (lambda p: p["engine"].update(precision="bf16"), r"engine: the CPU path trains in fp32"),
         (lambda p: p.pop("seed"), r"seed: required key is missing"),
+        (lambda p: p["distill"]["minillm"].update(teacher_mix=1.5), r"distill\.minillm\.teacher_mix: .*less than 1"),
+        (lambda p: p["distill"]["minillm"].update(teacher_mix=-0.1), r"distill\.minillm\.teacher_mix: .*greater than or equal to 0"),
+        (lambda p: p["distill"]["kd"].update(ratio=2), r"distill\.kd\.ratio: .*less than or equal to 1"),
+        (lambda p: p["distill"]["minillm"]["optimizer"].update(lr=-5e-4), r"distill\.minillm\.optimizer\.lr: .*greater than 0"),
+        (lambda p: p["distill"]["minillm"].update(steps="many"), r"distill\.minillm\.steps: .*valid integer"),
+        (lambda p: p["models"]["teacher"].update(arch=None, name_or_path="/no/such/checkpoint"),
+         r"models\.teacher\.name_or_path: '/no/such/checkpoint' is not an existing directory"),
+        (lambda p: p["models"]["students"]["180K"].update(arch=None, name_or_path="models/180K/sft/best_loss"),
+         r"models\.students\.180K\.name_or_path: 'models/180K/sft/best_loss' is not an existing directory"),
+        (lambda p: p["models"]["teacher"].update(arch=None, name_or_path="gpt2--xl."),
+         r"models\.teacher\.name_or_path: 'gpt2--xl\.' is neither an existing directory nor a valid Hub id"),
     ],
 )
 def test_bad_params_name_the_key(tmp_path, edit, message):
@@ -65,3 +77,65 @@ def test_invalid_yaml_is_reported(tmp_path):
     path.write_text("seed: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(path)
+
+
+def test_invalid_utf8_params_name_the_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(b"seed: 1\ndata:\n  source: \xff\n")
+    with pytest.raises(ConfigError, match=r"params.yaml:3: not valid UTF-8"):
+        load_params(path)
+
+
+def test_name_or_path_accepts_a_local_directory_and_a_cached_hub_model(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    local = tmp_path / "my-model"
+    local.mkdir()
+    load_params(write_params(tmp_path, lambda p: p["models"]["teacher"].update(arch=None, name_or_path=str(local))))
+    # The Hub cache layout: models--<org>--<name>/refs/main names the snapshot holding the files.
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--some-org--cached-model" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (cache / "models--some-org--cached-model" / "refs").mkdir()
+    (cache / "models--some-org--cached-model" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    load_params(write_params(tmp_path, lambda p: p["models"]["teacher"].update(arch=None, name_or_path="some-org/cached-model")))
+
+
+def test_uncached_hub_name_fails_fast_offline_or_unreachable(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    path = write_params(tmp_path, lambda p: p["models"]["students"]["180K"].update(arch=None, name_or_path="no-org/no-model"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"models\.students\.180K\.name_or_path: 'no-org/no-model' is not a local "
+                                          r"directory nor in the Hugging Face cache, and HF_HUB_OFFLINE is set$"):
+        load_params(path)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:1")  # nothing listens on port 1
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"'no-org/no-model' .* and 127\.0\.0\.1 is unreachable$"):
+        load_params(path)
+    assert time.monotonic() - started < 5
+
+
+def test_check_params_stage_rejects_an_unreachable_model_in_one_line(tmp_path):
+    """Through the real entry point, with no HF_HUB_OFFLINE: a clear line within seconds, not half a minute of
+    retries and a traceback."""
+    write_params(tmp_path, lambda p: p["models"]["teacher"].update(arch=None, name_or_path="no-org/no-model"))
+    started = time.monotonic()
+    completed = subprocess.run(
+        [sys.executable, "-m", "stages.check_params"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:1",
+             "HF_HUB_CACHE": str(tmp_path / "empty-cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"},
+    )
+    assert completed.returncode == 2, completed.stderr
+    assert completed.stderr.strip().splitlines()[-1] == (
+        "error: params.yaml: models.teacher.name_or_path: 'no-org/no-model' is not a local directory nor in the "
+        "Hugging Face cache, and 127.0.0.1 is unreachable"
+    )
+    assert "Traceback" not in completed.stderr
+    assert not (tmp_path / "checks").exists()
+    assert time.monotonic() - started < 60

@@ -1,13 +1,16 @@
-"""One MiniLLM update on tiny models: the surrogate decreases on its own batch, the ratio starts at 1, and the
-rollout buffer's advantages carry no gradient."""
+"""One MiniLLM update on tiny models: the fused surrogate equals the full-logits computation in values and student
+gradients, the surrogate decreases on its own batch, the ratio starts at 1, and the rollout buffer's advantages
+carry no gradient."""
 
 import pytest
 import torch
 import yaml
 
+from pipeline import losses
 from pipeline.config import Architecture, MiniLLMMethod
 from pipeline.generation import left_pad, sample
-from pipeline.minillm import make_buffer, response_logits, rollout_diagnostics, surrogate_sums
+from pipeline.minillm import make_buffer, rollout_diagnostics, surrogate_sums
+from pipeline.minillm_loss import policy_loss
 from pipeline.models import build_gpt2
 from tests.test_config import REPO
 
@@ -28,14 +31,84 @@ def setup():
     return teacher, student, config, rollout
 
 
+def full_response_logits(model, rollout, rows) -> torch.Tensor:
+    """The reference: every logit of one full forward pass over [prompt; response], at the positions that
+    predict the response tokens."""
+    input_ids = torch.cat([rollout.prompt_ids[rows], rollout.response_ids[rows]], dim=1)
+    attention = torch.cat([rollout.prompt_mask[rows], torch.ones_like(rollout.response_mask[rows], dtype=torch.long)], 1)
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).logits
+    width = rollout.prompt_ids.shape[1]
+    return logits[:, width - 1 : width - 1 + rollout.response_ids.shape[1]]
+
+
+def full_logits_surrogate(student, teacher, buffer, rows, config) -> dict[str, torch.Tensor]:
+    """surrogate_sums as it was before the fused LM heads: both models' [n, R, V] logits held at once."""
+    rollout, mask = buffer.rollout, buffer.rollout.response_mask[rows]
+    student_logits = full_response_logits(student, rollout, rows)
+    with torch.no_grad():
+        teacher_logits = full_response_logits(teacher, rollout, rows)
+    log_q = torch.log_softmax(student_logits.float(), dim=-1)
+    logp_new = log_q.gather(-1, rollout.response_ids[rows].unsqueeze(-1)).squeeze(-1)
+    long_sum, clipped = policy_loss(
+        logp_new, rollout.student_logprobs[rows], buffer.advantages[rows], buffer.weights[rows], mask, config.clip_eps
+    )
+    if config.single_step:
+        single_sum = losses.reverse_kl(student_logits, teacher_logits, mask, weights=buffer.weights[rows], reduction="sum")
+    else:
+        single_sum = long_sum.new_zeros(())
+    with torch.no_grad():
+        entropy_sum = (-(log_q.exp() * log_q).sum(-1) * mask).sum()
+    return {"single": single_sum, "long": long_sum, "clipped": clipped.float(), "entropy": entropy_sum}
+
+
 def test_ratio_is_one_before_the_update(setup):
     teacher, student, config, rollout = setup
     rows = torch.arange(rollout.response_ids.shape[0])
     with torch.no_grad():
-        logits = response_logits(student, rollout, rows)
+        logits = full_response_logits(student, rollout, rows)
     logp = torch.log_softmax(logits, -1).gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)
     mask = rollout.response_mask > 0
     torch.testing.assert_close(logp[mask], rollout.student_logprobs[mask], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("single_step", [True, False])
+def test_fused_surrogate_equals_the_full_logits_computation(setup, single_step):
+    teacher, student, config, rollout = setup
+    assert bool((rollout.prompt_mask == 0).any()), "the prompts must be left-padded for this test to mean anything"
+    config = config.model_copy(update={"single_step": single_step})
+    # A step of SGD first, so that q_theta != q_old: ratios move off 1 and some tokens are clipped.
+    student = build_gpt2(Architecture(n_layer=1, n_embd=16, n_head=2), VOCAB, 64, EOS).eval()
+    student.load_state_dict(setup[1].state_dict())
+    buffer = make_buffer(rollout, config)
+    with torch.no_grad():
+        for parameter in student.parameters():
+            parameter.add_(0.3 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(parameter.numel())))
+    rows = torch.tensor([3, 0, 2])  # a subset, out of order
+    gradients = []
+    for surrogate in (surrogate_sums, full_logits_surrogate):
+        student.zero_grad(set_to_none=True)
+        sums = surrogate(student, teacher, buffer, rows, config)
+        (sums["single"] + sums["long"]).backward()
+        gradients.append({name: p.grad.clone() for name, p in student.named_parameters()})
+        if surrogate is surrogate_sums:
+            fused = {name: value.detach() for name, value in sums.items()}
+    for name, value in sums.items():
+        torch.testing.assert_close(fused[name], value.detach(), atol=1e-5, rtol=1e-5, msg=name)
+    assert float(fused["clipped"]) > 0 and float(fused["long"]) != 0
+    assert (float(fused["single"]) > 0) == single_step
+    assert gradients[0].keys() == gradients[1].keys()
+    for name in gradients[0]:
+        torch.testing.assert_close(gradients[0][name], gradients[1][name], atol=1e-5, rtol=1e-4, msg=name)
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_a_head_with_a_bias_is_an_error(setup):
+    teacher, student, config, rollout = setup
+    student = build_gpt2(Architecture(n_layer=1, n_embd=16, n_head=2), VOCAB, 64, EOS).eval()
+    student.lm_head = torch.nn.Linear(16, VOCAB, bias=True)
+    with pytest.raises(ValueError, match="bias"):
+        surrogate_sums(student, teacher, make_buffer(rollout, config), torch.arange(2), config)
 
 
 def test_one_update_decreases_the_surrogate_on_its_batch(setup):

@@ -2,7 +2,8 @@
 
 One pipeline run (module fixture) is shared by the checks: every stage ran, the report has every method,
 the MLflow store holds one parent run with a finished child per stage, a second `dvc repro` does nothing,
-an evaluation-only param change retrains nothing, and a typo in params.yaml stops `dvc repro` with one line.
+an evaluation-only param change retrains nothing, two queued experiments run at once into the one MLflow store,
+and a typo in params.yaml stops `dvc repro` with one line.
 """
 
 import json
@@ -10,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -102,7 +104,8 @@ def test_mlflow_holds_one_parent_with_a_finished_child_per_stage(pipeline):
     experiment = client.get_experiment_by_name("minillm-distillation")
     runs = client.search_runs([experiment.experiment_id], max_results=1000)
     parents = [r for r in runs if r.data.tags.get("pipeline.parent") == "true"]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    # Evaluate stages nest one run per evaluation set under their own run.
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags and "eval_set" not in r.data.tags]
     assert len(parents) == 1
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     assert {r.data.tags["dvc.stage"] for r in children} == STAGES
@@ -134,6 +137,67 @@ def test_dvc_exp_run_with_a_param_override(pipeline):
     assert set(results["seed"]) == {10}
     assert run(["dvc", "exp", "list", "--name-only"], workdir, env).stdout.strip()
     run(["git", "checkout", "params.yaml"], workdir, env)
+
+
+def test_two_queued_experiments_run_at_once_and_share_the_mlflow_store(pipeline):
+    """The README's sweep recipe: `dvc exp run --queue -S ...` twice, `dvc queue start -j 2` (both at once, one SQLite
+    store), then `dvc exp show` and `dvc metrics diff`. Seeds no earlier test used, so DVC's run cache cannot stand in
+    for running the stages; only evaluation, the report and check_params may run."""
+    from mlflow import MlflowClient
+
+    workdir, env, _ = pipeline
+    run(["git", "checkout", "params.yaml"], workdir, env)
+    experiments = {"queued-seed30": 30, "queued-seed40": 40}
+    for name, seed in experiments.items():
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"evaluate.seeds=[{seed}]"], workdir, env)
+    run(["dvc", "queue", "start", "-j", "2"], workdir, env)
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            status = run(["dvc", "queue", "status"], workdir, env).stdout
+            states = {line.split()[1]: line.split()[-1] for line in status.splitlines() if any(n in line for n in experiments)}
+            if len(states) == len(experiments) and all(state in ("Success", "Failed") for state in states.values()):
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(5)
+    finally:
+        run(["dvc", "queue", "stop"], workdir, env, check=False)
+    logs = {name: run(["dvc", "queue", "logs", name], workdir, env, check=False).stdout for name in experiments}
+    assert states == {name: "Success" for name in experiments}, logs
+
+    # `dvc exp show` lists both, each with Rouge-L of every evaluation and set, and the two differ.
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], workdir, env).stdout)
+    rouge = {}
+    for baseline in shown:
+        for branch in baseline.get("experiments") or []:
+            for revision in branch["revs"]:
+                if revision.get("name") in experiments:
+                    rouge[revision["name"]] = {
+                        (path, set_name): values["rouge_l"]
+                        for path, metrics in revision["data"]["metrics"].items() if path.startswith("metrics/eval/")
+                        for set_name, values in metrics["data"]["sets"].items()
+                    }
+    first, second = (rouge.get(name, {}) for name in experiments)
+    assert first and first.keys() == second.keys() and first != second, rouge
+    diff = json.loads(run(["dvc", "metrics", "diff", *experiments, "--json"], workdir, env).stdout)
+    assert any(key.endswith(".rouge_l") for changes in diff.values() for key in changes), diff
+
+    expected_stages = {"check_params", "report"} | EVALUATIONS
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment_id = client.get_experiment_by_name("minillm-distillation").experiment_id
+    for name in experiments:
+        ran = {line.split("'")[1] for line in logs[name].splitlines() if line.startswith("Running stage")}
+        assert ran == expected_stages, logs[name]
+        assert "[tracking]" not in logs[name] and "database is locked" not in logs[name], logs[name]
+        runs = client.search_runs([experiment_id], filter_string=f"tags.`dvc.exp_name` = '{name}'", max_results=1000)
+        [parent] = [r for r in runs if r.data.tags.get("pipeline.parent") == "true"]
+        stage_runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert sorted(r.data.tags["dvc.stage"] for r in stage_runs) == sorted(expected_stages)
+        assert all(r.info.status == "FINISHED" for r in stage_runs)
+        for stage_run in stage_runs:  # an evaluate stage logs Rouge-L in its run or in its per-set child runs
+            if stage_run.data.tags["dvc.stage"].startswith("evaluate"):
+                nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == stage_run.info.run_id]
+                assert stage_run.data.metrics or (nested and all(r.data.metrics for r in nested)), stage_run.data.tags
 
 
 def test_typo_in_params_stops_repro_with_one_line(pipeline):

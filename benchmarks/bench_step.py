@@ -1,0 +1,192 @@
+"""One MiniLLM optimisation step through the pipeline's own functions: speed, FLOP/s, and peak memory.
+
+The step is what `pipeline.minillm.train_minillm` does per micro-batch: `surrogate_sums` (single-step reverse KL
+and PPO-clipped long-term term, teacher forward under no_grad), `pt_loss_sum` (the PT loss), backward, AdamW step.
+The rollout buffer comes from `pipeline.generation.sample` and `pipeline.minillm.make_buffer` with the params.yaml
+MiniLLM settings, pt_coef set to 1 (the paper's) so the PT loss takes part. EOS is disabled: responses are full length.
+
+Reported:
+  tokens/s        tokens forwarded through the student per second: batch x (prompt + response) + PT tokens
+  achieved FLOP/s 6 N_s T_s + 2 N_t T_t per step: N = matmul parameters (all but position embeddings; the
+                  tied LM head counted once), T_s the student tokens above, T_t = batch x (prompt + response)
+                  for the teacher forward. Attention-score FLOPs are left out (an underestimate of a few %).
+  matmul peak     FLOP/s of a large square matmul in the models' dtype, measured in this run (issue 5 target:
+                  achieved >= 40% of it on GPT-2-small shapes)
+  peak memory     of the step's tensors above those held before it (benchmarks/common.py: tensor_peak)
+  logits part     peak memory of everything after the last hidden states: both LM heads, surrogate_sums' losses
+                  and their backward, over the memory held before it; compared with one model's fp32 logits for
+                  the batch, [batch, response, V] x 4 bytes (target: <= 1.5x)
+  fused ...       the same two loss terms through losses.fused_head_reverse_kl + minillm_loss.policy_loss, the
+                  LM heads fused into chunks recomputed in backward (not yet wired into surrogate_sums)
+
+    python -m benchmarks.bench_step                                   # GPT-2-small student and teacher, CPU
+    python -m benchmarks.bench_step --device cuda --dtype bf16 --pair gpt2-large:gpt2-xl --batch 8 --response-len 256
+"""
+
+import argparse
+import types
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from benchmarks.common import (
+    DTYPES, EOS, MIB, SHAPES, add_common_arguments, best_time, build_model, matmul_parameters, measure_matmul_peak,
+    parse_pair, print_table, process_peak_rss, setup_device, tensor_peak,
+)
+from pipeline import losses
+from pipeline.config import MiniLLMMethod
+from pipeline.engine import build_optimizer
+from pipeline.generation import left_pad, sample
+from pipeline.minillm import make_buffer, pt_loss_sum, surrogate_sums
+from pipeline.minillm_loss import policy_loss
+
+
+
+class HeadOnly(torch.nn.Module):
+    """Stands in for a model inside `surrogate_sums`: returns LM-head logits of precomputed last hidden states, so
+    that only the logits part of the step runs. The head weight is detached: its gradient is a parameter gradient
+    of the model, not logits memory."""
+
+    def __init__(self, hidden: torch.Tensor, head_weight: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+        self.head_weight = head_weight.detach()
+
+    def forward(self, **inputs):
+        return types.SimpleNamespace(logits=F.linear(self.hidden, self.head_weight))
+
+
+def last_hidden_states(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    output = model.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    return output.last_hidden_state
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    parser.add_argument("--pair", default="gpt2:gpt2", help="STUDENT:TEACHER shape names")
+    parser.add_argument("--batch", type=int, default=2, help="rollouts in the step")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--response-len", type=int, default=64)
+    parser.add_argument("--pt-batch", type=int, default=2)
+    parser.add_argument("--pt-len", type=int, default=128, help="pre-training block length")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--fused-chunk", type=int, default=8, help="positions per chunk of the fused logits part")
+    parser.add_argument("--nominal-tflops", type=float, default=None,
+                        help="the chip's datasheet dense peak in this dtype (H200 bf16: 989), for MFU against it")
+    args = parser.parse_args()
+    device = setup_device(args)
+    dtype = DTYPES[args.dtype]
+    student_shape, teacher_shape = parse_pair(args.pair)
+    vocab_size = SHAPES[student_shape][3]
+
+    raw = yaml.safe_load(open("params.yaml"))["distill"]["minillm"]
+    config = MiniLLMMethod.model_validate({**raw, "pt_coef": 1.0})
+    student = build_model(student_shape, device, dtype, seed=1)
+    teacher = build_model(teacher_shape, device, dtype, seed=2)
+    optimizer = build_optimizer(student, config.optimizer)
+
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, vocab_size, (args.prompt_len,), generator=generator).tolist()
+               for _ in range(args.batch)]
+    prompt_ids, prompt_mask = (t.to(device) for t in left_pad(prompts, EOS))
+    rollout = sample(
+        student, prompt_ids, prompt_mask, max_new_tokens=args.response_len, eos_token_id=-1, pad_token_id=EOS,
+        generator=torch.Generator(device=device).manual_seed(0), teacher=teacher, teacher_mix=config.teacher_mix,
+    )
+    buffer = make_buffer(rollout, config)
+    rows = torch.arange(args.batch)
+    pt_blocks = torch.randint(1, vocab_size, (args.pt_batch, args.pt_len), generator=generator).to(device)
+    response_tokens = float(rollout.response_mask.sum())
+    pt_tokens = float(args.pt_batch * (args.pt_len - 1))
+
+    def step() -> None:
+        sums = surrogate_sums(student, teacher, buffer, rows, config)
+        pt_sum = pt_loss_sum(student, teacher, pt_blocks, config.pt_teacher_kd_ratio)
+        loss = (sums["single"] + sums["long"]) / response_tokens + config.pt_coef * pt_sum / pt_tokens
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    # Measured before and after the step, the better kept: a busy machine can slow either one.
+    matmul_peak = measure_matmul_peak(device, dtype)
+    seconds = best_time(step, device, args.repeats)
+    matmul_peak = max(matmul_peak, measure_matmul_peak(device, dtype))
+    sequence_tokens = args.batch * (args.prompt_len + args.response_len)
+    student_tokens = sequence_tokens + args.pt_batch * args.pt_len
+    teacher_tokens = sequence_tokens * (2 if config.pt_teacher_kd_ratio > 0 else 1)
+    flops = 6 * matmul_parameters(student) * student_tokens + 2 * matmul_parameters(teacher) * teacher_tokens
+    achieved = flops / seconds
+
+    step_peak, _ = tensor_peak(step, device)
+
+    # The logits part alone, from the last hidden states of [prompt; response] (as response_logits builds them).
+    input_ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)
+    response_attention = torch.ones_like(rollout.response_mask, dtype=rollout.prompt_mask.dtype)
+    attention = torch.cat([rollout.prompt_mask, response_attention], dim=1)
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        student_hidden = last_hidden_states(student, input_ids, attention, positions).requires_grad_(True)
+        teacher_hidden = last_hidden_states(teacher, input_ids, attention, positions)
+    student_head = HeadOnly(student_hidden, student.lm_head.weight)
+    teacher_head = HeadOnly(teacher_hidden, teacher.lm_head.weight)
+
+    def plain_logits_part() -> dict[str, torch.Tensor]:
+        student_hidden.grad = None
+        sums = surrogate_sums(student_head, teacher_head, buffer, rows, config)
+        ((sums["single"] + sums["long"]) / response_tokens).backward()
+        return {"single": sums["single"].detach(), "long": sums["long"].detach()}
+
+    # The same two terms through losses.fused_head_reverse_kl (LM heads fused into recomputed chunks), which
+    # surrogate_sums does not use yet: what the step would need with it.
+    prompt_width, mask = rollout.prompt_ids.shape[1], rollout.response_mask
+
+    def fused_logits_part() -> dict[str, torch.Tensor]:
+        student_hidden.grad = None
+        logp_new, single, _ = losses.fused_head_reverse_kl(
+            student_hidden[:, prompt_width - 1 : -1], student.lm_head.weight.detach(),
+            teacher_hidden[:, prompt_width - 1 : -1], teacher.lm_head.weight, rollout.response_ids, mask,
+            weights=buffer.weights, chunk_size=args.fused_chunk,
+        )
+        long, _ = policy_loss(
+            logp_new, rollout.student_logprobs, buffer.advantages, buffer.weights, mask, config.clip_eps
+        )
+        ((single + long) / response_tokens).backward()
+        return {"single": single.detach(), "long": long.detach()}
+
+    logits_peak, sums = tensor_peak(plain_logits_part, device)
+    fused_peak, fused_sums = tensor_peak(fused_logits_part, device)
+    fp32_logits = args.batch * args.response_len * vocab_size * 4
+    fused_error = max(abs((fused_sums[part] - sums[part]).item()) / max(abs(sums[part].item()), 1e-6) for part in sums)
+
+    print(f"device {device}, dtype {args.dtype}, threads {torch.get_num_threads()}, student {student_shape} "
+          f"({matmul_parameters(student) / 1e6:.1f}M matmul params), teacher {teacher_shape} "
+          f"({matmul_parameters(teacher) / 1e6:.1f}M), batch {args.batch} x (prompt {args.prompt_len} + response "
+          f"{args.response_len}), PT {args.pt_batch} x {args.pt_len}, pt_coef {config.pt_coef}")
+    print_table(
+        ["measure", "value", "target"],
+        [
+            ["step seconds", seconds, ""],
+            ["student tokens/s", student_tokens / seconds, ""],
+            ["response tokens/s", response_tokens / seconds, ""],
+            ["achieved GFLOP/s (6N_sT_s + 2N_tT_t)", achieved / 1e9, ""],
+            ["matmul peak GFLOP/s", matmul_peak / 1e9, ""],
+            ["achieved / matmul peak", achieved / matmul_peak, ">= 0.4"],
+            *([["MFU vs nominal peak", achieved / (args.nominal_tflops * 1e12), ""]] if args.nominal_tflops else []),
+            ["step peak tensor memory over start MiB", step_peak / MIB, ""],
+            *([["process peak RSS MiB", process_peak_rss() / MIB, ""]] if device.type == "cpu" else []),
+            *([["GPU allocator peak MiB", torch.cuda.max_memory_allocated(device) / MIB, ""]]
+              if device.type == "cuda" else []),
+            ["logits part peak MiB", logits_peak / MIB, ""],
+            ["one model's fp32 logits [B,R,V] MiB", fp32_logits / MIB, ""],
+            ["logits part / fp32 logits", logits_peak / fp32_logits, "<= 1.5"],
+            [f"fused logits part peak MiB (chunk {args.fused_chunk})", fused_peak / MIB, ""],
+            ["fused logits part / fp32 logits", fused_peak / fp32_logits, "<= 1.5"],
+            ["fused vs surrogate_sums, max relative difference", fused_error, "~1e-6"],
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()

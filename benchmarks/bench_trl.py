@@ -1,0 +1,217 @@
+"""Ours against TRL, side by side: wall time per on-policy sample trained on, and peak memory.
+
+Contenders, each in its own subprocess (so peak RSS is its own), on the same tiny random-init teacher and student
+(params.yaml's default shapes: 4x128 and 2x64), the same byte-level BPE tokenizer trained here on the synthetic
+suite, the same prompts (instruction prompts of that suite, spec §1 template), batch and generation length:
+    ours     one on-policy round per optimiser step: `pipeline.generation.sample` (teacher-mixed, KV-cached, alpha
+             0.2), `pipeline.minillm.make_buffer`, `surrogate_sums` (single-step reverse KL + PPO term), AdamW
+    gkd      trl.experimental.gkd.GKDTrainer, lmbda=1 (always on-policy: student `generate`), beta=1 (reverse KL)
+    minillm  trl.experimental.minillm.MiniLLMTrainer (GRPO-based), num_generations=2, same samples per step
+EOS is disabled in every model, so every sample is exactly --new-tokens long. Every contender runs --steps
+optimiser steps after one warm-up step (not timed); seconds per sample = timed wall time / (steps x batch).
+Peak memory: the subprocess's peak RSS (VmHWM) and its rise above the RSS after models and trainer were built.
+Target (issue 5): ours >= 2x TRL's throughput at <= its peak memory.
+
+Needs the benchmark extra (trl); see benchmarks/README.md:
+    /work/benchvenv/bin/python -m benchmarks.bench_trl
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from benchmarks.common import MIB, current_rss, print_table, process_peak_rss
+from pipeline.config import Architecture
+from pipeline.data import build_prompt, train_bpe_tokenizer
+from pipeline.models import build_gpt2
+from pipeline.synthetic import build_suite
+
+CONTENDERS = ("ours", "gkd", "minillm")
+TEACHER_ARCH = Architecture(n_layer=4, n_embd=128, n_head=2)
+STUDENT_ARCH = Architecture(n_layer=2, n_embd=64, n_head=2)
+LEARNING_RATE = 5e-4
+
+
+def build_models_and_prompts(args):
+    """Deterministic: every subprocess rebuilds the identical tokenizer, models and prompt token ids."""
+    suite = build_suite(seed=0, n_train=200, n_valid=1, n_per_eval_set=1)
+    texts = [build_prompt(r["instruction"], r["context"]) + r["response"] for r in suite["train"]]
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=1024)
+    prompt_texts = [build_prompt(r["instruction"], r["context"]) for r in suite["train"]]
+    prompt_ids = [tokenizer.encode(text, add_special_tokens=False)[-args.prompt_len :] for text in prompt_texts]
+    prompt_texts = [tokenizer.decode(ids) for ids in prompt_ids]
+    models = []
+    for seed, arch in ((2, TEACHER_ARCH), (1, STUDENT_ARCH)):
+        torch.manual_seed(seed)
+        model = build_gpt2(arch, len(tokenizer), 256, tokenizer.eos_token_id)
+        model.generation_config.eos_token_id = None  # never stop early: fixed-length samples for every contender
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        models.append(model)
+    teacher, student = models
+    return tokenizer, teacher, student, prompt_ids, prompt_texts
+
+
+def run_ours(args, tokenizer, teacher, student, prompt_ids, prompt_texts) -> tuple[float, int]:
+    import yaml
+
+    from pipeline.config import MiniLLMMethod
+    from pipeline.engine import build_optimizer
+    from pipeline.generation import left_pad, sample
+    from pipeline.minillm import make_buffer, surrogate_sums
+
+    raw = yaml.safe_load(open("params.yaml"))["distill"]["minillm"]
+    config = MiniLLMMethod.model_validate({**raw, "pt_coef": 0.0})
+    optimizer = build_optimizer(student, config.optimizer.model_copy(update={"lr": LEARNING_RATE}))
+    teacher.eval()
+    student.eval()  # as train_minillm: dropout off, so the PPO ratio starts at exactly 1
+    generator = torch.Generator().manual_seed(0)
+    baseline = current_rss()
+
+    def step(index: int) -> None:
+        start = index * args.batch % (len(prompt_ids) - args.batch)
+        ids, mask = left_pad(prompt_ids[start : start + args.batch], tokenizer.pad_token_id)
+        rollout = sample(student, ids, mask, max_new_tokens=args.new_tokens, eos_token_id=-1,
+                         pad_token_id=tokenizer.pad_token_id, generator=generator, teacher=teacher,
+                         teacher_mix=config.teacher_mix)
+        buffer = make_buffer(rollout, config)
+        sums = surrogate_sums(student, teacher, buffer, torch.arange(args.batch), config)
+        ((sums["single"] + sums["long"]) / rollout.response_mask.sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(0)
+    started = time.perf_counter()
+    for index in range(1, args.steps + 1):
+        step(index)
+    return time.perf_counter() - started, baseline
+
+
+class StepTimer(TrainerCallback):
+    """Wall time from the end of the warm-up step to the end of training, and the RSS before training."""
+
+    def __init__(self):
+        self.started = None
+        self.finished = None
+        self.baseline = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.baseline = current_rss()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            self.started = time.perf_counter()
+        self.finished = time.perf_counter()
+
+
+def common_training_arguments(args, output_dir: str) -> dict:
+    return dict(
+        output_dir=output_dir, per_device_train_batch_size=args.batch, max_steps=args.steps + 1,
+        learning_rate=LEARNING_RATE, lr_scheduler_type="constant", logging_steps=10**6, save_strategy="no",
+        report_to=[], use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, disable_tqdm=True, seed=0,
+    )
+
+
+def run_gkd(args, tokenizer, teacher, student, prompt_ids, prompt_texts) -> tuple[float, int]:
+    from datasets import Dataset
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    def collate(examples):
+        # GKD's on-policy step replaces input_ids/attention_mask/labels by the student's samples; it reads prompts.
+        from pipeline.generation import left_pad
+
+        ids, mask = left_pad([example["prompt_ids"] for example in examples], tokenizer.pad_token_id)
+        # The Trainer normalises the loss by the label count it reads here, before GKD swaps in the samples:
+        # give it the samples' token count (all-padding labels would divide by zero).
+        labels = torch.zeros(len(examples), args.new_tokens + 1, dtype=torch.long)
+        return {"prompts": ids, "prompt_attention_mask": mask, "input_ids": ids, "attention_mask": mask,
+                "labels": labels}
+
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = GKDConfig(**common_training_arguments(args, output_dir), lmbda=1.0, beta=1.0, temperature=1.0,
+                           max_new_tokens=args.new_tokens, max_length=args.prompt_len + args.new_tokens)
+        trainer = GKDTrainer(
+            model=student, teacher_model=teacher, args=config, data_collator=collate, processing_class=tokenizer,
+            train_dataset=Dataset.from_dict({"prompt_ids": prompt_ids}), callbacks=[timer],
+        )
+        trainer.train()
+    return timer.finished - timer.started, timer.baseline
+
+
+def run_minillm(args, tokenizer, teacher, student, prompt_ids, prompt_texts) -> tuple[float, int]:
+    from datasets import Dataset
+    from trl.experimental.minillm import MiniLLMConfig, MiniLLMTrainer
+
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = MiniLLMConfig(**common_training_arguments(args, output_dir), num_generations=2,
+                               max_completion_length=args.new_tokens, temperature=1.0)
+        trainer = MiniLLMTrainer(
+            model=student, teacher_model=teacher, args=config, processing_class=tokenizer,
+            train_dataset=Dataset.from_dict({"prompt": prompt_texts}), callbacks=[timer],
+        )
+        trainer.train()
+    return timer.finished - timer.started, timer.baseline
+
+
+def child(args) -> None:
+    torch.manual_seed(0)
+    built = build_models_and_prompts(args)
+    runner = {"ours": run_ours, "gkd": run_gkd, "minillm": run_minillm}[args.child]
+    seconds, baseline = runner(args, *built)
+    peak = process_peak_rss()
+    print("RESULT " + json.dumps({"seconds": seconds, "peak": peak, "baseline": baseline}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt-len", type=int, default=32, help="prompts keep their last PROMPT_LEN tokens")
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=10, help="timed optimiser steps (after one warm-up step)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in every contender")
+    parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    parser.add_argument("--child", choices=CONTENDERS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        child(args)
+        return
+
+    rows, results = [], {}
+    for name in args.contenders:
+        command = [sys.executable, "-m", "benchmarks.bench_trl", "--child", name, "--batch", str(args.batch),
+                   "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+                   "--steps", str(args.steps), "--threads", str(args.threads)]
+        print(f"running {name} ...", flush=True)
+        completed = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        lines = [line for line in completed.stdout.splitlines() if line.startswith("RESULT ")]
+        if completed.returncode != 0 or not lines:
+            print(f"{name} failed (exit {completed.returncode}):\n{completed.stderr[-3000:]}")
+            continue
+        result = json.loads(lines[-1][len("RESULT ") :])
+        results[name] = result
+        per_sample = result["seconds"] / (args.steps * args.batch)
+        rows.append([name, per_sample * 1000, 1 / per_sample, result["peak"] / MIB,
+                     (result["peak"] - result["baseline"]) / MIB])
+
+    print(f"\nbatch {args.batch}, prompt <= {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.steps} timed "
+          f"steps, threads {args.threads}")
+    print_table(["contender", "ms / sample", "samples/s", "peak RSS MiB", "peak over start MiB"], rows)
+    if "ours" in results:
+        for peer in ("gkd", "minillm"):
+            if peer in results:
+                speedup = results[peer]["seconds"] / results["ours"]["seconds"]
+                memory = results["ours"]["peak"] / results[peer]["peak"]
+                print(f"ours vs {peer}: {speedup:.2f}x throughput (target >= 2), {memory:.2f}x peak RSS (target <= 1)")
+
+
+if __name__ == "__main__":
+    main()

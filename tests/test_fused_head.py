@@ -1,0 +1,92 @@
+"""losses.fused_head_reverse_kl (LM heads fused into chunked, recomputed reverse KL) against the plain computation
+on materialised logits, in float64, and against the pure-Python brute force of test_losses."""
+
+import pytest
+import torch
+
+from pipeline.losses import fused_head_reverse_kl
+from tests.test_losses import _softmax, brute_reverse_kl
+
+VOCAB, WIDTH = 23, 6
+
+
+def batch(seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    student_hidden = torch.randn(3, 7, WIDTH, generator=generator, dtype=torch.float64)
+    teacher_hidden = torch.randn(3, 7, 2 * WIDTH, generator=generator, dtype=torch.float64)
+    student_head = torch.randn(VOCAB, WIDTH, generator=generator, dtype=torch.float64)
+    teacher_head = torch.randn(VOCAB, 2 * WIDTH, generator=generator, dtype=torch.float64)
+    tokens = torch.randint(0, VOCAB, (3, 7), generator=generator)
+    mask = torch.ones(3, 7)
+    mask[0, 5:] = 0
+    mask[2, 1:] = 0
+    weights = torch.rand(3, 7, generator=generator, dtype=torch.float64) + 0.5
+    weights[mask == 0] = float("inf")  # padding weights may be anything; they must not leak in
+    return student_hidden, student_head, teacher_hidden, teacher_head, tokens, mask, weights
+
+
+def plain(student_hidden, student_head, teacher_hidden, teacher_head, tokens, mask, weights):
+    log_q = torch.log_softmax(student_hidden @ student_head.T, -1)
+    log_p = torch.log_softmax(teacher_hidden @ teacher_head.T, -1)
+    token_logprobs = log_q.gather(-1, tokens[..., None]).squeeze(-1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+    entropy = -(log_q.exp() * log_q).sum(-1)
+    kl_sum = (kl * torch.where(mask > 0, weights, 0.0)).sum()
+    return token_logprobs, kl_sum, (entropy * mask).sum()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 64])
+def test_values_and_gradients_equal_the_plain_computation(chunk_size):
+    inputs = batch(seed=chunk_size)
+    student_hidden, student_head = (tensor.clone().requires_grad_(True) for tensor in inputs[:2])
+    expected_hidden, expected_head = (tensor.clone().requires_grad_(True) for tensor in inputs[:2])
+    logprobs, kl_sum, entropy_sum = fused_head_reverse_kl(
+        student_hidden, student_head, *inputs[2:6], weights=inputs[6], chunk_size=chunk_size
+    )
+    expected_logprobs, expected_kl, expected_entropy = plain(expected_hidden, expected_head, *inputs[2:])
+    torch.testing.assert_close(logprobs.double(), expected_logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kl_sum.double(), expected_kl, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.as_tensor(entropy_sum).double(), expected_entropy, atol=1e-5, rtol=1e-5)
+    # One loss mixing both differentiable outputs, as MiniLLM's single-step + PPO terms do.
+    coefficients = torch.linspace(-1, 1, 21, dtype=torch.float64).view(3, 7)
+    ((logprobs * coefficients * inputs[5]).sum() + kl_sum).backward()
+    ((expected_logprobs * coefficients * inputs[5]).sum() + expected_kl).backward()
+    torch.testing.assert_close(student_hidden.grad, expected_hidden.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(student_head.grad, expected_head.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_kl_matches_the_pure_python_brute_force():
+    student_hidden, student_head, teacher_hidden, teacher_head, tokens, mask, _ = batch(seed=5)
+    _, kl_sum, _ = fused_head_reverse_kl(
+        student_hidden, student_head, teacher_hidden, teacher_head, tokens, mask, chunk_size=2
+    )
+    student_logits = (student_hidden @ student_head.T).tolist()
+    teacher_logits = (teacher_hidden @ teacher_head.T).tolist()
+    brute = sum(
+        brute_reverse_kl(_softmax(teacher_logits[b][t]), _softmax(student_logits[b][t]))
+        for b in range(3) for t in range(7) if mask[b, t] > 0
+    )
+    assert float(kl_sum) == pytest.approx(brute, rel=1e-6)
+
+
+def test_teacher_is_a_constant_and_no_vocabulary_tensor_is_saved_for_backward():
+    student_hidden, student_head, teacher_hidden, teacher_head, tokens, mask, weights = batch(seed=9)
+    tensors = [
+        tensor.float().requires_grad_(True) for tensor in (student_hidden, student_head, teacher_hidden, teacher_head)
+    ]
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda tensor: saved.append(tensor) or tensor, lambda tensor: tensor):
+        logprobs, kl_sum, _ = fused_head_reverse_kl(*tensors, tokens, mask, weights=weights.float(), chunk_size=3)
+    # Only chunk inputs are kept; the head weights [V, d] are parameters, not logits.
+    assert not [tensor for tensor in saved if tensor.dim() == 3 and tensor.shape[-1] == VOCAB]
+    (logprobs.sum() + kl_sum).backward()
+    assert tensors[0].grad is not None and tensors[1].grad is not None
+    assert tensors[2].grad is None and tensors[3].grad is None
+
+
+def test_mismatched_shapes_are_errors():
+    student_hidden, student_head, teacher_hidden, teacher_head, tokens, mask, _ = batch(seed=1)
+    with pytest.raises(ValueError, match="must agree on"):
+        fused_head_reverse_kl(student_hidden, student_head, teacher_hidden[:, :5], teacher_head, tokens, mask)
+    with pytest.raises(ValueError, match="one tokenizer"):
+        fused_head_reverse_kl(student_hidden, student_head, teacher_hidden, teacher_head[:5], tokens, mask)

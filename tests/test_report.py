@@ -1,0 +1,190 @@
+"""The report stage on a small fake metrics tree whose table values are computed by hand, and the README's
+`mlflow.search_runs` snippet against a temporary store."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import pandas as pd
+import pytest
+
+from stages import report
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Rouge-L per sampling seed (10, 20), by (method, student, training seed) and set.
+ROUGE = {
+    ("teacher", "T", 1234): {"dollyeval": [30.0, 34.0], "sni": [50.0, 50.0]},
+    ("sft", "S", 1): {"dollyeval": [20.0, 22.0], "sni": [40.0, 42.0]},
+    ("sft", "S", 2): {"dollyeval": [24.0, 26.0], "sni": [44.0, 46.0]},
+    ("minillm", "S", 1): {"dollyeval": [25.0, 27.0], "sni": [38.0, 40.0]},
+    ("minillm", "S", 2): {"dollyeval": [29.0, 31.0], "sni": [40.0, 42.0]},
+}
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def fake_metrics_tree(root: Path) -> None:
+    for (method, student, train_seed), sets in ROUGE.items():
+        summary = {}
+        for eval_set, (first, second) in sets.items():
+            summary[eval_set] = {
+                "per_seed": {"10": first, "20": second}, "rouge_l": (first + second) / 2,
+                "rouge_l_by_length": {"0-5": {"rouge_l": first, "count": 3}, "11-inf": {"rouge_l": second, "count": 1}},
+                "ece": 0.1, "token_accuracy": 0.5, "response_words": 4.0, "distinct_1": 0.2, "distinct_2": 0.4, "distinct_4": 0.8,
+            }
+        metrics = {"method": method, "student": student, "train_seed": train_seed, "sets": summary}
+        if method != "teacher":
+            curve = [10.0, 20.0] if method == "sft" else [-5.0, -train_seed * 1.0]
+            metrics["exposure_bias"] = {"ex_acc_err_at": {"2": curve[1]}, "curve": {"l": [1, 2], "ex_acc_err": curve}}
+        name = "teacher" if method == "teacher" else f"{method}-{student}-seed{train_seed}"
+        write_json(root / "eval" / f"{name}.json", metrics)
+    write_json(root / "train_teacher.json", {"parameters": 5000})
+    for train_seed, trained, wall in ((1, 100, 10.0), (2, 200, 20.0)):
+        write_json(root / "init_student" / f"S-seed{train_seed}.json",
+                   {"parameters": 1000, "response_tokens_trained": trained, "wall_time_s": wall})
+        write_json(root / "distill" / "minillm" / f"S-seed{train_seed}.json",
+                   {"parameters": 1000, "response_tokens_trained": 50, "generated_tokens": 40,
+                    "teacher_forward_tokens": 60, "wall_time_s": 30.0})
+
+
+@pytest.fixture
+def metrics_root(tmp_path: Path) -> Path:
+    fake_metrics_tree(tmp_path / "metrics")
+    return tmp_path / "metrics"
+
+
+def test_table1_numbers_by_hand(metrics_root: Path):
+    numbers = report.table1_numbers(report.long_results(metrics_root / "eval")).set_index("method")
+    assert list(numbers.index) == ["teacher", "sft", "minillm"]
+    # Mean and sample std (ddof 1) over the (training seed, sampling seed) runs.
+    sd_four_spaced_by_two = (20 / 3) ** 0.5  # e.g. 20, 22, 24, 26: deviations -3, -1, 1, 3
+    expected = {
+        "teacher": (32.0, 8**0.5, 50.0, 0.0),
+        "sft": (23.0, sd_four_spaced_by_two, 43.0, sd_four_spaced_by_two),
+        "minillm": (28.0, sd_four_spaced_by_two, 40.0, (8 / 3) ** 0.5),  # 38, 40, 40, 42
+    }
+    for method, (dolly_mean, dolly_std, sni_mean, sni_std) in expected.items():
+        row = numbers.loc[method]
+        assert (row["dollyeval_mean"], row["sni_mean"]) == pytest.approx((dolly_mean, sni_mean))
+        assert (row["dollyeval_std"], row["sni_std"]) == pytest.approx((dolly_std, sni_std))
+    assert numbers["average"].tolist() == pytest.approx([41.0, 33.0, 34.0])
+    assert numbers.loc["sft", "gap_to_teacher"] == pytest.approx(-8.0)
+    assert numbers.loc["minillm", "gap_to_teacher"] == pytest.approx(-7.0)
+
+
+def test_table1_markdown_marks_the_best_student_per_column(metrics_root: Path):
+    markdown = report.table1_markdown(report.table1_numbers(report.long_results(metrics_root / "eval")))
+    rows = {line.split("|")[2].strip(): [cell.strip() for cell in line.split("|")[3:-1]]
+            for line in markdown.splitlines()[2:]}
+    assert rows["Teacher"] == ["32.00 ± 2.83", "50.00 ± 0.00", "41.00", ""]  # the teacher is never marked
+    assert rows["SFT w/o KD"] == ["23.00 ± 2.58", "**43.00 ± 2.58**", "33.00", "-8.00"]
+    assert rows["MiniLLM"] == ["**28.00 ± 2.58**", "40.00 ± 1.63", "**34.00**", "-7.00"]
+
+
+def test_costs_by_hand(metrics_root: Path):
+    numbers = report.table1_numbers(report.long_results(metrics_root / "eval"))
+    cost = report.costs(numbers, report.set_measurements(metrics_root / "eval"), metrics_root).set_index("method")
+    # SFT: 6 N trained, seeds 1 and 2: 6*1000*100 and 6*1000*200.
+    assert cost.loc["sft", "flops"] == pytest.approx((600_000 + 1_200_000) / 2)
+    assert cost.loc["sft", "wall_time_s"] == pytest.approx(15.0)
+    # MiniLLM = its SFT init + 6*1000*50 + 2*1000*40 (generated) + 2*5000*60 (teacher forward) = init + 980,000.
+    assert cost.loc["minillm", "flops"] == pytest.approx((600_000 + 1_200_000) / 2 + 980_000)
+    assert cost.loc["minillm", "wall_time_s"] == pytest.approx(45.0)
+    assert cost.loc["minillm", "teacher_forward_tokens"] == 60
+    assert cost.loc["minillm", "average"] == pytest.approx(34.0)
+    assert cost.loc["sft", "missing"] == "" and cost.loc["minillm", "missing"] == ""
+
+
+def test_cost_reports_missing_fields(metrics_root: Path):
+    (metrics_root / "train_teacher.json").write_text("{}")
+    cost = report.training_cost(metrics_root, "S", 1, "minillm")
+    assert pd.isna(cost["flops"])
+    assert "train_teacher.json:parameters" in cost["missing"]
+
+
+def test_rouge_by_length_and_exposure_curves(metrics_root: Path):
+    by_length = report.rouge_by_length(report.set_measurements(metrics_root / "eval"))
+    sft = by_length[by_length["method"] == "sft"].set_index("bucket")
+    # Per run, both sets pooled by count (3 each): seed 1 (20 + 40) / 2 = 30, seed 2 (24 + 44) / 2 = 34; mean 32.
+    assert sft.loc["0-5", "rouge_l"] == pytest.approx(32.0)
+    assert sft.loc["11-inf", "rouge_l"] == pytest.approx(((22 + 42) / 2 + (26 + 46) / 2) / 2)
+    exposure = report.exposure_curves(metrics_root / "eval").set_index(["method", "l"])
+    assert exposure.loc[("minillm", 2), "ex_acc_err"] == pytest.approx(-1.5)  # -1 and -2 over the training seeds
+    assert ("teacher", 1) not in exposure.index
+
+
+def test_paper_comparison():
+    numbers = pd.DataFrame([
+        {"student": "1.5B", "method": "teacher", "dollyeval_mean": 27.0, "selfinst_mean": 11.0},
+        {"student": "120M", "method": "minillm", "dollyeval_mean": 25.1, "selfinst_mean": 12.2},
+    ])
+    paper_scale = SimpleNamespace(
+        models=SimpleNamespace(teacher=SimpleNamespace(name_or_path="/models/gpt2-xl", label="1.5B"),
+                               students={"120M": SimpleNamespace(name_or_path="gpt2")}),
+        data=SimpleNamespace(source="dolly"))
+    markdown = report.paper_comparison(paper_scale, numbers)
+    assert "| 120M    | MiniLLM    | 24.6 / 25.10 (+0.50) | 13.2 / 12.20 (-1.00) |" in markdown
+    assert "27.6 / 27.00 (-0.60)" in markdown
+    embedded = SimpleNamespace(models=SimpleNamespace(teacher=SimpleNamespace(name_or_path=None, label="0.95M"), students={}),
+                               data=SimpleNamespace(source="synthetic"))
+    markdown = report.paper_comparison(embedded, numbers)
+    assert "no difference to the paper is computed" in markdown and " / " not in markdown.split("\n| Model")[1]
+
+
+def test_report_stage_writes_every_file(metrics_root: Path, monkeypatch: pytest.MonkeyPatch):
+    workdir = metrics_root.parent
+    shutil.copy(REPO / "tests" / "micro_params.yaml", workdir / "params.yaml")
+    for name in ("train.csv", "valid.csv"):
+        source = REPO / "plots" / "distill" / "minillm" / "180K-seed1234" / name
+        target = workdir / "plots" / "distill" / "minillm" / "S-seed1"
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target / name)
+    (workdir / "reports").mkdir()
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir}/mlflow.db")
+    monkeypatch.setenv("MINILLM_PIPELINE_ID", "report-test")
+    report.main()
+    for name in report.REPORT_FILES:
+        assert (workdir / "reports" / name).stat().st_size > 0, name
+    assert "**28.00 ± 2.58**" in (workdir / "reports" / "table1.md").read_text()
+    measurements = (workdir / "reports" / "measurements.md").read_text()
+    assert re.search(r"\| MiniLLM \(S\) +\| +-1\.5 \|", measurements)  # ExAccErr at the longest l, 2
+
+
+def readme_snippet() -> str:
+    mlflow_section = (REPO / "README.md").read_text().split("\n## MLflow\n")[1].split("\n## ")[0]
+    return re.search(r"```python\n(.*?)```", mlflow_section, re.DOTALL).group(1)
+
+
+def test_readme_search_runs_snippet_rebuilds_the_table(metrics_root: Path, monkeypatch: pytest.MonkeyPatch):
+    from pipeline.tracking import StageRun
+
+    workdir = metrics_root.parent
+    monkeypatch.chdir(workdir)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir}/mlflow.db")
+    monkeypatch.setenv("MINILLM_PIPELINE_ID", "snippet-test")
+    for (method, student, train_seed), sets in ROUGE.items():
+        tags = {"method": method, "student": student, "train_seed": str(train_seed)}
+        with StageRun(f"evaluate@{method}-{student}-{train_seed}", {}, tags=tags) as run:
+            for eval_set, per_seed in sets.items():
+                run.log_child_run(eval_set, {"eval_set": eval_set},
+                                  {"rouge_l": sum(per_seed) / 2, "ece": 0.1, "distinct_4": 0.8})
+    namespace = {}
+    exec(readme_snippet(), namespace)  # noqa: S102 - the README's own code, run as a user would
+    table = namespace["table"]
+    numbers = report.table1_numbers(report.long_results(metrics_root / "eval")).set_index(["student", "method"])
+    for (student, method), row in numbers.iterrows():
+        for eval_set in ("dollyeval", "sni"):
+            assert table.loc[(student, method), eval_set] == pytest.approx(row[f"{eval_set}_mean"])
+    minillm_sni = namespace["minillm_sni"]
+    assert set(minillm_sni["tags.train_seed"]) == {"1", "2"}
+    # Each per-set run is nested under its evaluate stage run.
+    stage_runs = {mlflow.get_run(run_id).data.tags["dvc.stage"] for run_id in minillm_sni["tags.mlflow.parentRunId"]}
+    assert stage_runs == {"evaluate@minillm-S-1", "evaluate@minillm-S-2"}
