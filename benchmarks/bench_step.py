@@ -13,11 +13,13 @@ Reported:
   matmul peak     FLOP/s of a large square matmul in the models' dtype, measured in this run (issue 5 target:
                   achieved >= 40% of it on GPT-2-small shapes)
   peak memory     of the step's tensors above those held before it (benchmarks/common.py: tensor_peak)
-  logits part     peak memory of everything after the last hidden states: both LM heads, surrogate_sums' losses
-                  and their backward, over the memory held before it; compared with one model's fp32 logits for
-                  the batch, [batch, response, V] x 4 bytes (target: <= 1.5x)
-  fused ...       the same two loss terms through losses.fused_head_reverse_kl + minillm_loss.policy_loss, the
-                  LM heads fused into chunks recomputed in backward (not yet wired into surrogate_sums)
+  logits part     peak memory of everything after the last hidden states: surrogate_sums (both LM heads fused
+                  into chunks of minillm.FUSED_CHUNK positions, recomputed in backward) and its backward, over the
+                  memory held before it; compared with one model's fp32 logits for the batch,
+                  [batch, response, V] x 4 bytes (target: <= 1.5x)
+  full-logits ... the same two loss terms the way surrogate_sums computed them before the fusion (both models'
+                  [batch, response, V] logits, log_softmax, losses.reverse_kl, policy_loss): memory and agreement
+  chunk sweep     seconds and peak of the fused logits part at other chunk sizes (--chunks)
 
     python -m benchmarks.bench_step                                   # GPT-2-small student and teacher, CPU
     python -m benchmarks.bench_step --device cuda --dtype bf16 --pair gpt2-large:gpt2-xl --batch 8 --response-len 256
@@ -38,27 +40,39 @@ from pipeline import losses
 from pipeline.config import MiniLLMMethod
 from pipeline.engine import build_optimizer
 from pipeline.generation import left_pad, sample
+from pipeline import minillm
 from pipeline.minillm import make_buffer, pt_loss_sum, surrogate_sums
 from pipeline.minillm_loss import policy_loss
 
 
+class PrecomputedBody(torch.nn.Module):
+    """A model body that returns precomputed last hidden states, whatever its inputs."""
 
-class HeadOnly(torch.nn.Module):
-    """Stands in for a model inside `surrogate_sums`: returns LM-head logits of precomputed last hidden states, so
-    that only the logits part of the step runs. The head weight is detached: its gradient is a parameter gradient
-    of the model, not logits memory."""
+    def __init__(self, hidden: torch.Tensor):
+        super().__init__()
+        self.hidden = hidden
+
+    def forward(self, **inputs):
+        return types.SimpleNamespace(last_hidden_state=self.hidden)
+
+
+class LogitsPartOnly(torch.nn.Module):
+    """Stands in for a model inside `surrogate_sums` (which reads `base_model` and `get_output_embeddings()`), so
+    that only the logits part of the step runs. The head weight does not require grad: its gradient is a parameter
+    gradient of the model, not logits memory."""
 
     def __init__(self, hidden: torch.Tensor, head_weight: torch.Tensor):
         super().__init__()
-        self.hidden = hidden
-        self.head_weight = head_weight.detach()
+        self.base_model = PrecomputedBody(hidden)
+        self.head = torch.nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=False, device=head_weight.device)
+        self.head.weight = torch.nn.Parameter(head_weight.detach(), requires_grad=False)
 
-    def forward(self, **inputs):
-        return types.SimpleNamespace(logits=F.linear(self.hidden, self.head_weight))
+    def get_output_embeddings(self) -> torch.nn.Linear:
+        return self.head
 
 
 def last_hidden_states(model, input_ids, attention_mask, position_ids) -> torch.Tensor:
-    output = model.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    output = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
     return output.last_hidden_state
 
 
@@ -72,7 +86,7 @@ def main() -> None:
     parser.add_argument("--pt-batch", type=int, default=2)
     parser.add_argument("--pt-len", type=int, default=128, help="pre-training block length")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--fused-chunk", type=int, default=8, help="positions per chunk of the fused logits part")
+    parser.add_argument("--chunks", default="8,16,32,64", help="chunk sizes of the fused logits part to sweep")
     parser.add_argument("--nominal-tflops", type=float, default=None,
                         help="the chip's datasheet dense peak in this dtype (H200 bf16: 989), for MFU against it")
     args = parser.parse_args()
@@ -121,7 +135,8 @@ def main() -> None:
 
     step_peak, _ = tensor_peak(step, device)
 
-    # The logits part alone, from the last hidden states of [prompt; response] (as response_logits builds them).
+    # The logits part alone: surrogate_sums on stand-ins whose bodies return the last hidden states of
+    # [prompt; response], computed once here the way surrogate_sums computes them.
     input_ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)
     response_attention = torch.ones_like(rollout.response_mask, dtype=rollout.prompt_mask.dtype)
     attention = torch.cat([rollout.prompt_mask, response_attention], dim=1)
@@ -129,36 +144,58 @@ def main() -> None:
     with torch.no_grad():
         student_hidden = last_hidden_states(student, input_ids, attention, positions).requires_grad_(True)
         teacher_hidden = last_hidden_states(teacher, input_ids, attention, positions)
-    student_head = HeadOnly(student_hidden, student.lm_head.weight)
-    teacher_head = HeadOnly(teacher_hidden, teacher.lm_head.weight)
-
-    def plain_logits_part() -> dict[str, torch.Tensor]:
-        student_hidden.grad = None
-        sums = surrogate_sums(student_head, teacher_head, buffer, rows, config)
-        ((sums["single"] + sums["long"]) / response_tokens).backward()
-        return {"single": sums["single"].detach(), "long": sums["long"].detach()}
-
-    # The same two terms through losses.fused_head_reverse_kl (LM heads fused into recomputed chunks), which
-    # surrogate_sums does not use yet: what the step would need with it.
-    prompt_width, mask = rollout.prompt_ids.shape[1], rollout.response_mask
+    student_part = LogitsPartOnly(student_hidden, student.lm_head.weight)
+    teacher_part = LogitsPartOnly(teacher_hidden, teacher.lm_head.weight)
 
     def fused_logits_part() -> dict[str, torch.Tensor]:
         student_hidden.grad = None
-        logp_new, single, _ = losses.fused_head_reverse_kl(
-            student_hidden[:, prompt_width - 1 : -1], student.lm_head.weight.detach(),
-            teacher_hidden[:, prompt_width - 1 : -1], teacher.lm_head.weight, rollout.response_ids, mask,
-            weights=buffer.weights, chunk_size=args.fused_chunk,
-        )
+        sums = surrogate_sums(student_part, teacher_part, buffer, rows, config)
+        ((sums["single"] + sums["long"]) / response_tokens).backward()
+        return {"single": sums["single"].detach(), "long": sums["long"].detach()}
+
+    # The two terms as surrogate_sums computed them before the fusion: both models' full logits at once.
+    prompt_width, mask = rollout.prompt_ids.shape[1], rollout.response_mask
+    response_slice = slice(prompt_width - 1, prompt_width - 1 + args.response_len)
+
+    def full_logits_part() -> dict[str, torch.Tensor]:
+        student_hidden.grad = None
+        student_logits = F.linear(student_hidden[:, response_slice], student.lm_head.weight.detach())
+        teacher_logits = F.linear(teacher_hidden[:, response_slice], teacher.lm_head.weight.detach())
+        log_q = torch.log_softmax(student_logits.float(), dim=-1)
+        logp_new = log_q.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)
         long, _ = policy_loss(
             logp_new, rollout.student_logprobs, buffer.advantages, buffer.weights, mask, config.clip_eps
         )
+        single = losses.reverse_kl(student_logits, teacher_logits, mask, weights=buffer.weights, reduction="sum")
         ((single + long) / response_tokens).backward()
         return {"single": single.detach(), "long": long.detach()}
 
-    logits_peak, sums = tensor_peak(plain_logits_part, device)
-    fused_peak, fused_sums = tensor_peak(fused_logits_part, device)
+    def fused_at(chunk_size: int):
+        def run() -> None:
+            student_hidden.grad = None
+            logp_new, single, _ = losses.fused_head_reverse_kl(
+                student_hidden[:, response_slice], student.lm_head.weight.detach(), teacher_hidden[:, response_slice],
+                teacher.lm_head.weight, rollout.response_ids, mask, weights=buffer.weights, chunk_size=chunk_size,
+            )
+            long, _ = policy_loss(
+                logp_new, rollout.student_logprobs, buffer.advantages, buffer.weights, mask, config.clip_eps
+            )
+            ((single + long) / response_tokens).backward()
+        return run
+
+    logits_peak, sums = tensor_peak(fused_logits_part, device)
+    full_peak, full_sums = tensor_peak(full_logits_part, device)
     fp32_logits = args.batch * args.response_len * vocab_size * 4
-    fused_error = max(abs((fused_sums[part] - sums[part]).item()) / max(abs(sums[part].item()), 1e-6) for part in sums)
+    fused_error = max(
+        abs((sums[part] - full_sums[part]).item()) / max(abs(full_sums[part].item()), 1e-6) for part in sums
+    )
+    sweep = []
+    for chunk_size in [int(c) for c in args.chunks.split(",")]:
+        chunk_seconds = best_time(fused_at(chunk_size), device, args.repeats + 1)
+        chunk_peak, _ = tensor_peak(fused_at(chunk_size), device)
+        sweep.append(
+            [f"  chunk {chunk_size}: logits part seconds / peak MiB", f"{chunk_seconds:.4f} / {chunk_peak / MIB:.1f}", ""]
+        )
 
     print(f"device {device}, dtype {args.dtype}, threads {torch.get_num_threads()}, student {student_shape} "
           f"({matmul_parameters(student) / 1e6:.1f}M matmul params), teacher {teacher_shape} "
@@ -178,12 +215,13 @@ def main() -> None:
             *([["process peak RSS MiB", process_peak_rss() / MIB, ""]] if device.type == "cpu" else []),
             *([["GPU allocator peak MiB", torch.cuda.max_memory_allocated(device) / MIB, ""]]
               if device.type == "cuda" else []),
-            ["logits part peak MiB", logits_peak / MIB, ""],
+            [f"logits part peak MiB (fused, chunk {minillm.FUSED_CHUNK})", logits_peak / MIB, ""],
             ["one model's fp32 logits [B,R,V] MiB", fp32_logits / MIB, ""],
             ["logits part / fp32 logits", logits_peak / fp32_logits, "<= 1.5"],
-            [f"fused logits part peak MiB (chunk {args.fused_chunk})", fused_peak / MIB, ""],
-            ["fused logits part / fp32 logits", fused_peak / fp32_logits, "<= 1.5"],
-            ["fused vs surrogate_sums, max relative difference", fused_error, "~1e-6"],
+            ["full-logits logits part peak MiB (before fusion)", full_peak / MIB, ""],
+            ["full-logits logits part / fp32 logits", full_peak / fp32_logits, ""],
+            ["fused vs full logits, max relative difference", fused_error, "~1e-6"],
+            *sweep,
         ],
     )
 

@@ -35,7 +35,8 @@ def full_response_logits(model, rollout, rows) -> torch.Tensor:
     """The reference: every logit of one full forward pass over [prompt; response], at the positions that
     predict the response tokens."""
     input_ids = torch.cat([rollout.prompt_ids[rows], rollout.response_ids[rows]], dim=1)
-    attention = torch.cat([rollout.prompt_mask[rows], torch.ones_like(rollout.response_mask[rows], dtype=torch.long)], 1)
+    response_attention = torch.ones_like(rollout.response_mask[rows], dtype=torch.long)
+    attention = torch.cat([rollout.prompt_mask[rows], response_attention], dim=1)
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).logits
     width = rollout.prompt_ids.shape[1]
@@ -54,7 +55,9 @@ def full_logits_surrogate(student, teacher, buffer, rows, config) -> dict[str, t
         logp_new, rollout.student_logprobs[rows], buffer.advantages[rows], buffer.weights[rows], mask, config.clip_eps
     )
     if config.single_step:
-        single_sum = losses.reverse_kl(student_logits, teacher_logits, mask, weights=buffer.weights[rows], reduction="sum")
+        single_sum = losses.reverse_kl(
+            student_logits, teacher_logits, mask, weights=buffer.weights[rows], reduction="sum"
+        )
     else:
         single_sum = long_sum.new_zeros(())
     with torch.no_grad():
@@ -83,7 +86,8 @@ def test_fused_surrogate_equals_the_full_logits_computation(setup, single_step):
     buffer = make_buffer(rollout, config)
     with torch.no_grad():
         for parameter in student.parameters():
-            parameter.add_(0.3 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(parameter.numel())))
+            noise = torch.randn(parameter.shape, generator=torch.Generator().manual_seed(parameter.numel()))
+            parameter.add_(0.3 * noise)
     rows = torch.tensor([3, 0, 2])  # a subset, out of order
     gradients = []
     for surrogate in (surrogate_sums, full_logits_surrogate):
@@ -141,3 +145,32 @@ def test_rollout_diagnostics_are_consistent(setup):
     assert diagnostics["rollout/response_length"] == pytest.approx(float(rollout.response_mask.sum(1).mean()))
     # Weights are bounded by 1/(1 - alpha) without any clipping.
     assert diagnostics["rollout/importance_weight_mean"] <= 1 / (1 - config.teacher_mix) + 1e-6
+
+
+def test_a_deepspeed_engine_student_gets_the_plain_models_gradients(setup):
+    """train_minillm passes the DeepSpeed engine: surrogate_sums runs the wrapped model's body and head, and
+    engine.backward puts the same gradients on its parameters as a plain backward on the bare model."""
+    from deepspeed import DeepSpeedEngine
+
+    from pipeline import engine
+    from pipeline.config import EngineConfig
+
+    teacher, student, config, rollout = setup
+    buffer = make_buffer(rollout, config)
+    rows = torch.arange(len(buffer))
+    engine_config = EngineConfig(num_procs=1, launcher="torchrun", device="cpu", precision="fp32", zero_stage=0)
+    engine.setup(engine_config)
+    wrapped = build_gpt2(Architecture(n_layer=1, n_embd=16, n_head=2), VOCAB, 64, EOS).eval()
+    wrapped.load_state_dict(student.state_dict())
+    model_engine = engine.initialize(wrapped, config.optimizer, 1, len(buffer), 1, engine_config)
+    assert isinstance(model_engine, DeepSpeedEngine)
+    sums = surrogate_sums(model_engine, teacher, buffer, rows, config)
+    model_engine.backward(sums["single"] + sums["long"])
+    bare = build_gpt2(Architecture(n_layer=1, n_embd=16, n_head=2), VOCAB, 64, EOS).eval()
+    bare.load_state_dict(student.state_dict())
+    expected = surrogate_sums(bare, teacher, buffer, rows, config)
+    (expected["single"] + expected["long"]).backward()
+    torch.testing.assert_close(sums["single"].detach(), expected["single"].detach())
+    for (name, parameter), (_, reference) in zip(model_engine.module.named_parameters(), bare.named_parameters()):
+        assert parameter.grad is not None, name
+        torch.testing.assert_close(parameter.grad, reference.grad, atol=1e-6, rtol=1e-5, msg=name)
