@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: repro test test-fast benchmark
+.PHONY: repro test test-fast test-paper
 
 $(INSTALLED): requirements.txt requirements-dev.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -18,7 +18,11 @@ repro: $(INSTALLED)
 	dvc repro
 
 test: $(INSTALLED)
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -m "not paper"
+
+# The paper-scale dry run on the CPU (tests/test_paper_dryrun.py): ~10 min and ~13 GiB RAM, so not part of `make test`.
+test-paper: $(INSTALLED)
+	$(PYTHON) -m pytest -m paper
 
 test-fast: $(INSTALLED)
-	$(PYTHON) -m pytest -m "not slow"
+	$(PYTHON) -m pytest -m "not slow and not paper"

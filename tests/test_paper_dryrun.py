@@ -56,7 +56,7 @@ GPT2_MEDIUM = {"n_layer": 24, "n_embd": 1024, "n_head": 16}
 GPT2_XL = {"n_layer": 48, "n_embd": 1600, "n_head": 25}
 MAX_RSS_BYTES = 16 * 2**30
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.paper]
 
 
 def deep_merge(base: dict, overlay: dict) -> dict:
