@@ -1,4 +1,6 @@
-"""Resumable training: periodic checkpoints in `scratch/<stage>/`, a directory DVC keeps across runs.
+"""Resumable training: periodic checkpoints in `scratch/<stage>/`, a git-ignored directory that no dvc.yaml stage
+declares, so DVC never removes it and a rerun after a kill finds it. (A declared uncached out would be missing in
+every fresh workspace, a clone or a queued experiment's temporary copy, and DVC would then retrain the stage.)
 
     scratch/<stage>/
         step_000120/          the latest complete checkpoint; the previous one is deleted only once this one is whole
@@ -8,8 +10,7 @@
             rank<r>.pt        this rank's state: RNGs (python, numpy, torch, CUDA, the recipe's own generators) and
                               what differs between ranks (MiniLLM's rollout buffer)
         .step_000160.tmp/     a checkpoint being written; a kill leaves it behind, the next start removes it
-        done.json             written on success, when the bulky state is deleted: only the fingerprint, so the
-                              directory DVC hashes is small and the same for the same params and inputs
+        done.json             written on success, when the bulky state is deleted: only the fingerprint
 
 The fingerprint hashes the stage's params, the content of its inputs (start checkpoint, data) and the code
 that trains: a checkpoint written under anything else is discarded rather than resumed.
