@@ -35,7 +35,6 @@ import math
 import os
 import resource
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from pipeline.data import build_prompt
+from tests.workspace import copy_sources, run
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_CONFIG = REPO / "configs" / "paper-gpt2.yaml"
@@ -153,23 +153,6 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    completed = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if completed.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
-    return completed
-
-
-def copy_sources(workdir: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True,
-                           check=True).stdout.split()
-    # Sources only: outputs of a local run (metrics, plots, reports, dvc.lock) must not leak into the copy.
-    outputs = ("metrics/", "plots/", "eval/", "reports/", "checks/", "dvc.lock")
-    for name in files:
-        if (REPO / name).is_file() and not name.startswith(outputs):
-            (workdir / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, workdir / name)
-    (workdir / "reports").mkdir(exist_ok=True)
 
 
 def finite_numbers(metrics: dict) -> bool:
@@ -180,6 +163,7 @@ def test_paper_config_runs_end_to_end_on_gpt2_shapes(tmp_path):
     workdir = tmp_path / "repo"
     workdir.mkdir()
     copy_sources(workdir)
+    (workdir / "reports").mkdir(exist_ok=True)
     paper = yaml.safe_load(PAPER_CONFIG.read_text())
     params = deep_merge(paper, yaml.safe_load(DRYRUN_OVERLAY.read_text()))
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

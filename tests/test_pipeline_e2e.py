@@ -9,7 +9,6 @@ and a typo in params.yaml stops `dvc repro` with one line.
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+
+from tests.workspace import copy_sources, run
 
 REPO = Path(__file__).resolve().parents[1]
 STUDENTS = ("tiny", "tiny2")  # tests/micro_params.yaml: two students, so every student stage is a matrix
@@ -33,24 +34,12 @@ STAGES = {"check_params", "build_data", "pretrain_teacher", "train_teacher", "te
 pytestmark = pytest.mark.slow
 
 
-def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    completed = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and completed.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
-    return completed
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("repo")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True,
-                           check=True).stdout.split()
-    # Sources only: outputs of a local run (metrics, plots, reports, dvc.lock) must not leak into the copy.
-    outputs = ("metrics/", "plots/", "eval/", "reports/", "checks/", "dvc.lock")
-    for name in files:
-        if (REPO / name).is_file() and not name.startswith(outputs):
-            (workdir / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, workdir / name)
+    copy_sources(workdir)
     shutil.copy(REPO / "tests" / "micro_params.yaml", workdir / "params.yaml")
     (workdir / "reports").mkdir(exist_ok=True)
     env = os.environ | {

@@ -9,7 +9,6 @@ MLflow links the resumed run to the killed one, which is marked KILLED.
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import yaml
 
 from pipeline import engine
 from pipeline.config import EngineConfig, Optimizer
+from tests.workspace import RUN_OUTPUTS, copy_sources
 
 REPO = Path(__file__).resolve().parents[1]
 SFT_STAGE, SFT_CMD = "init_student@tiny-1234", ["-m", "stages.init_student", "--student", "tiny", "--seed", "1234"]
@@ -84,13 +84,7 @@ def workspace(tmp_path_factory):
     """A copy of the repo with data, base models and the teacher trained, and one uninterrupted run of each
     stage under test as the reference."""
     workdir = tmp_path_factory.mktemp("resume")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True,
-                           check=True).stdout.split()
-    skipped = ("metrics/", "plots/", "eval/", "reports/", "checks/", "dvc.lock", "models/", "scratch/")
-    for name in files:
-        if (REPO / name).is_file() and not name.startswith(skipped):
-            (workdir / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, workdir / name)
+    copy_sources(workdir, skipped=(*RUN_OUTPUTS, "models/", "scratch/"))
     params = yaml.safe_load((REPO / "tests" / "micro_params.yaml").read_text())
     params["models"]["students"] = {"tiny": params["models"]["students"]["tiny"]}
     params["checkpoint"] = {"every_steps": 2, "max_nonfinite_skips": 0}
