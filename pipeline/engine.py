@@ -8,6 +8,7 @@ W, so the update is sum(all token losses) / N_global: independent of how the glo
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
@@ -16,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +69,26 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+# DeepSpeed's CPU backend JIT-loads its shared-memory op under a lock file at every start. A process killed while
+# holding it leaves the file behind, and every later stage then waits on it forever, silently. Loading takes
+# seconds and a first build about a minute, so a lock this old is stale.
+STALE_JIT_LOCK_S = 600
+
+
+def remove_stale_jit_lock() -> None:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory("deepspeed_shm_comm", verbose=False), "lock")
+    try:
+        age = time.time() - os.path.getmtime(lock)
+    except FileNotFoundError:
+        return
+    if age > STALE_JIT_LOCK_S:
+        print(f"removing {lock}: a stale lock ({age:.0f} s old) left by a process killed while loading DeepSpeed's op")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(lock)
+
+
 def setup(engine: EngineConfig) -> Dist:
     """Initialise torch.distributed through DeepSpeed: gloo on the CPU, NCCL on GPUs; one process works too."""
     import deepspeed
@@ -78,6 +100,8 @@ def setup(engine: EngineConfig) -> Dist:
     if engine.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("engine.device: cuda requested but no GPU is visible")
     if not dist.is_initialized():
+        if engine.device == "cpu":
+            remove_stale_jit_lock()
         deepspeed.init_distributed(dist_backend="gloo" if engine.device == "cpu" else "nccl", verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if engine.device == "cuda":

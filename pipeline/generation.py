@@ -22,12 +22,20 @@ Rows that ended keep emitting padding (outside the masks) until every row has en
 so the batch costs as many steps as its longest response, not `max_new_tokens`. Finished rows stay in the
 batch, which keeps the random stream identical to transformers' own sampler (one multinomial per step over
 the whole batch) and avoids re-slicing every cache layer whenever a row ends.
+
+GPT-2 decoding without the framework. A tiny model's one-token forward through transformers spends most of
+its time outside arithmetic: a growing DynamicCache, a fresh 4-D causal mask per call and per model, output
+and output dataclasses (benchmarks/bench_rollouts.py measures it). `GPT2Decoder` runs the same weights
+on a preallocated KV cache, with one visibility mask built per `sample` call and shared by both models.
+Other architectures, and models in training mode (dropout), go through the model's own forward with a
+transformers cache.
 """
 
 from dataclasses import dataclass
 
 import torch
-from transformers import Cache
+import torch.nn.functional as F
+from transformers import Cache, GPT2LMHeadModel
 
 
 @dataclass
@@ -38,18 +46,21 @@ class Rollout:
     response_mask: torch.Tensor  # [B, R] float 1.0 on generated tokens INCLUDING the EOS that ended the row, 0 after
     student_logprobs: torch.Tensor  # [B, R] log q(y_t | y<t, x) at sampling time (q_old), 0 on padding
     teacher_logprobs: torch.Tensor | None  # [B, R] log p(y_t | ...) when a teacher was given, else None
+    # [B, R, d] the teacher's last hidden state (its LM head's input) that scored each y_t, in the teacher's dtype.
+    # The teacher is frozen, so the MiniLLM update reuses it rather than running the teacher again.
+    teacher_hidden: torch.Tensor | None
     from_teacher: torch.Tensor  # [B, R] bool: this token was drawn from the teacher's component of the mixture
 
 
-def _last_position_logits(
+def _last_position(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     position_ids: torch.Tensor,
     cache: Cache | None,
     use_cache: bool,
-) -> tuple[torch.Tensor, Cache | None]:
-    """fp32 logits of the last column, and the model's updated cache (None without caching)."""
+) -> tuple[torch.Tensor, torch.Tensor, Cache | None]:
+    """fp32 logits and last hidden state of the last column, and the model's updated cache (None without caching)."""
     # logits_to_keep=1: the prompt pass would otherwise materialise B x P x V logits only to read one column.
     output = model(
         input_ids=input_ids,
@@ -58,8 +69,69 @@ def _last_position_logits(
         cache=cache,
         use_cache=use_cache,
         logits_to_keep=1,
+        output_hidden_states=True,
     )
-    return output.logits[:, -1].float(), output.cache
+    return output.logits[:, -1].float(), output.hidden_states[-1][:, -1], output.cache
+
+
+class GPT2Decoder:
+    """Eval-mode incremental forward of a GPT2LMHeadModel on a preallocated KV cache.
+
+    Computes what `model(input_ids, attention_mask, position_ids, cache=...)` computes for the last
+    column, op for op (same weights, same sdpa attention, same scaling), minus dropout.
+    """
+
+    def __init__(self, model: GPT2LMHeadModel, batch_size: int, max_length: int):
+        config = model.config
+        self.model = model
+        self.heads = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        weight = model.lm_head.weight
+        shape = (config.n_layer, batch_size, self.heads, max_length, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        self.values = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        self.length = 0
+        # Plain tensors, looked up once: nn.Module attribute access costs more than a tiny model's arithmetic.
+        # Conv1D weights are [in, out]: addmm(bias, x, weight) is the module's own forward.
+        transformer = model.transformer
+        self.ln_f = (transformer.ln_f.weight, transformer.ln_f.bias, transformer.ln_f.eps)
+        self.blocks = [
+            ((b.ln_1.weight, b.ln_1.bias, b.ln_1.eps), (b.attn.c_attn.weight, b.attn.c_attn.bias), b.attn.scaling,
+             (b.attn.c_proj.weight, b.attn.c_proj.bias), (b.ln_2.weight, b.ln_2.bias, b.ln_2.eps),
+             (b.mlp.c_fc.weight, b.mlp.c_fc.bias), b.mlp.act, (b.mlp.c_proj.weight, b.mlp.c_proj.bias))
+            for b in transformer.h
+        ]
+
+    def last_position(self, ids: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 logits [B, V] and the final-norm hidden state [B, d] of the last column after feeding ids [B, T] at
+        positions [B, T]; visible [B, 1, T, length + T]."""
+        transformer = self.model.transformer
+        batch_size, width = ids.shape
+        start, end = self.length, self.length + width
+        x = transformer.wte(ids) + transformer.wpe(positions)
+        channels = x.shape[-1]
+        for layer, (ln_1, (qkv_w, qkv_b), scaling, (out_w, out_b), ln_2, (fc_w, fc_b), act, (mlp_w, mlp_b)) in enumerate(self.blocks):
+            h = F.layer_norm(x, (channels,), *ln_1)
+            qkv = torch.addmm(qkv_b, h.view(-1, channels), qkv_w).view(batch_size, width, 3, self.heads, self.head_dim)
+            self.keys[layer, :, :, start:end] = qkv[:, :, 1].transpose(1, 2)
+            self.values[layer, :, :, start:end] = qkv[:, :, 2].transpose(1, 2)
+            attended = F.scaled_dot_product_attention(
+                qkv[:, :, 0].transpose(1, 2), self.keys[layer, :, :, :end], self.values[layer, :, :, :end],
+                attn_mask=visible, scale=scaling,
+            )
+            attended = attended.transpose(1, 2).reshape(-1, channels)
+            x = x + torch.addmm(out_b, attended, out_w).view_as(x)
+            h = F.layer_norm(x, (channels,), *ln_2)
+            h = act(torch.addmm(fc_b, h.view(-1, channels), fc_w))
+            x = x + torch.addmm(mlp_b, h, mlp_w).view_as(x)
+        self.length = end
+        last = F.layer_norm(x[:, -1], (channels,), *self.ln_f)
+        return self.model.lm_head(last).float(), last
+
+
+def _runs_as_gpt2_decoder(model: torch.nn.Module | None) -> bool:
+    # Cross-attention would need encoder states; training mode would need dropout.
+    return isinstance(model, GPT2LMHeadModel) and not model.training and not model.config.add_cross_attention
 
 
 def _token_logprobs(scaled_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -101,7 +173,7 @@ def sample(
         # sampled after a pad, not after the prompt.
         raise ValueError("prompts must be left-padded and non-empty (prompt_mask[:, -1] must be all 1)")
 
-    batch_size = prompt_ids.shape[0]
+    batch_size, prompt_length = prompt_ids.shape
     device = prompt_ids.device
     sequence_ids = prompt_ids
     attention_mask = prompt_mask.long()
@@ -111,23 +183,42 @@ def sample(
     teacher_cache = None
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
 
-    step_tokens, step_masks, step_student_logprobs, step_teacher_logprobs, step_from_teacher = [], [], [], [], []
+    if use_cache and _runs_as_gpt2_decoder(student) and (teacher is None or _runs_as_gpt2_decoder(teacher)):
+        max_length = prompt_length + max_new_tokens
+        student_cache = GPT2Decoder(student, batch_size, max_length)
+        teacher_cache = GPT2Decoder(teacher, batch_size, max_length) if teacher is not None else None
+        # Query i sees key j <= i unless j is a prompt pad; a pad query sees itself, so no softmax row is empty.
+        index = torch.arange(max_length, device=device)
+        real = torch.cat([prompt_mask.bool(), torch.ones(batch_size, max_new_tokens, dtype=torch.bool, device=device)], 1)
+        causal = index[None, :] <= index[:, None]
+        visible = ((real[:, None, :] & causal) | torch.eye(max_length, dtype=torch.bool, device=device))[:, None]
+
+    step_tokens, step_masks, step_student_logprobs, step_from_teacher = [], [], [], []
+    step_teacher_logprobs, step_teacher_hidden = [], []
     for step in range(max_new_tokens):
         # The cached path feeds only the newest token; the reference path feeds everything, every step.
         feed_last_only = use_cache and step > 0
         model_ids = sequence_ids[:, -1:] if feed_last_only else sequence_ids
         model_positions = position_ids[:, -1:] if feed_last_only else position_ids
 
-        student_logits, student_cache = _last_position_logits(
-            student, model_ids, attention_mask, model_positions, student_cache, use_cache
-        )
+        if isinstance(student_cache, GPT2Decoder):
+            end = prompt_length + step
+            step_visible = visible[:, :, end - model_ids.shape[1] : end, :end]
+            student_logits, _ = student_cache.last_position(model_ids, model_positions, step_visible)
+            if teacher is not None:
+                teacher_logits, teacher_hidden = teacher_cache.last_position(model_ids, model_positions, step_visible)
+        else:
+            student_logits, _, student_cache = _last_position(
+                student, model_ids, attention_mask, model_positions, student_cache, use_cache
+            )
+            if teacher is not None:
+                teacher_logits, teacher_hidden, teacher_cache = _last_position(
+                    teacher, model_ids, attention_mask, model_positions, teacher_cache, use_cache
+                )
         student_scaled = student_logits / temperature
         # softmax, not exp(log_softmax): bit-identical to transformers' sampler, so the draws match it.
         probs = torch.softmax(student_scaled, dim=-1)
         if teacher is not None:
-            teacher_logits, teacher_cache = _last_position_logits(
-                teacher, model_ids, attention_mask, model_positions, teacher_cache, use_cache
-            )
             teacher_scaled = teacher_logits / temperature
 
         if teacher_mix > 0.0:
@@ -144,6 +235,7 @@ def sample(
         step_student_logprobs.append(torch.where(active, _token_logprobs(student_scaled, tokens), 0.0))
         if teacher is not None:
             step_teacher_logprobs.append(torch.where(active, _token_logprobs(teacher_scaled, tokens), 0.0))
+            step_teacher_hidden.append(teacher_hidden)
         step_from_teacher.append(from_teacher & active)
 
         finished = finished | (tokens == eos_token_id)
@@ -160,6 +252,7 @@ def sample(
         response_mask=torch.stack(step_masks, dim=1),
         student_logprobs=torch.stack(step_student_logprobs, dim=1),
         teacher_logprobs=torch.stack(step_teacher_logprobs, dim=1) if teacher is not None else None,
+        teacher_hidden=torch.stack(step_teacher_hidden, dim=1) if teacher is not None else None,
         from_teacher=torch.stack(step_from_teacher, dim=1),
     )
 

@@ -20,6 +20,7 @@ import hashlib
 import math
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,18 +110,24 @@ FUSED_CHUNK = 16
 def unwrapped(model) -> torch.nn.Module:
     """The Hugging Face model inside a DeepSpeed engine (train_minillm passes the engine), or the model itself.
     Its parameters are the engine's, so DeepSpeed's gradient hooks on them still fire."""
-    import deepspeed
+    # An engine can exist only once deepspeed is imported; importing it just to check would cost ~75 MiB.
+    deepspeed = sys.modules.get("deepspeed")
+    return model.module if deepspeed is not None and isinstance(model, deepspeed.DeepSpeedEngine) else model
 
-    return model.module if isinstance(model, deepspeed.DeepSpeedEngine) else model
+
+def lm_head_weight(model) -> torch.Tensor:
+    """The LM-head weight [V, d] that turns last hidden states into logits."""
+    head = unwrapped(model).get_output_embeddings()
+    if head.bias is not None:
+        raise ValueError(f"{type(unwrapped(model)).__name__}'s LM head has a bias; MiniLLM's fused loss assumes a bias-free head")
+    return head.weight
 
 
 def response_hidden_and_head(model, rollout: Rollout, indices) -> tuple[torch.Tensor, torch.Tensor]:
     """Last hidden states (after the final norm) that predict each response token, [n, R, d], from one forward pass
     of the model body over [prompt; response], and the LM-head weight [V, d] that turns them into logits."""
+    head = lm_head_weight(model)
     model = unwrapped(model)
-    head = model.get_output_embeddings()
-    if head.bias is not None:
-        raise ValueError(f"{type(model).__name__}'s LM head has a bias; MiniLLM's fused loss assumes a bias-free head")
     prompt_ids, prompt_mask = rollout.prompt_ids[indices], rollout.prompt_mask[indices]
     response_ids, response_mask = rollout.response_ids[indices], rollout.response_mask[indices]
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
@@ -129,7 +136,7 @@ def response_hidden_and_head(model, rollout: Rollout, indices) -> tuple[torch.Te
     body = model.base_model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids)
     hidden = body.last_hidden_state
     prompt_width = prompt_ids.shape[1]
-    return hidden[:, prompt_width - 1 : prompt_width - 1 + response_ids.shape[1]], head.weight
+    return hidden[:, prompt_width - 1 : prompt_width - 1 + response_ids.shape[1]], head
 
 
 def surrogate_sums(student, teacher, buffer: RolloutBuffer, rows: torch.Tensor, config: MiniLLMMethod) -> dict[str, torch.Tensor]:
@@ -137,10 +144,10 @@ def surrogate_sums(student, teacher, buffer: RolloutBuffer, rows: torch.Tensor, 
     Both models' logits exist one chunk of positions at a time (losses.fused_head_reverse_kl, spec §8 pitfall 1)."""
     rollout, mask = buffer.rollout, buffer.rollout.response_mask[rows]
     student_hidden, student_head = response_hidden_and_head(student, rollout, rows)
-    with torch.no_grad():
-        teacher_hidden, teacher_head = response_hidden_and_head(teacher, rollout, rows)
+    # The teacher's hidden states come from the rollout: it is frozen, so re-running it on every inner epoch
+    # would recompute what sampling already did.
     logp_new, kl_sum, entropy_sum = losses.fused_head_reverse_kl(
-        student_hidden, student_head, teacher_hidden, teacher_head, rollout.response_ids[rows], mask,
+        student_hidden, student_head, rollout.teacher_hidden[rows], lm_head_weight(teacher), rollout.response_ids[rows], mask,
         weights=buffer.weights[rows], chunk_size=FUSED_CHUNK,
     )
     long_sum, clipped = policy_loss(
@@ -258,7 +265,10 @@ def train_minillm(
             if dist.is_main:
                 atomic_torch_save(
                     {"round": round_index, "step": step, "seed": seed, "rank": dist.rank, "checkpoint_sha256": checkpoint_hash,
-                     "generator_state": generator_state, "prompt_indices": torch.from_numpy(local), "rollout": vars(rollout),
+                     "generator_state": generator_state, "prompt_indices": torch.from_numpy(local),
+                     # Left out: d floats per token would dwarf the five scalars per token kept here, and running
+                     # the teacher on the saved tokens gives them back.
+                     "rollout": {k: v for k, v in vars(rollout).items() if k != "teacher_hidden"},
                      "weights": buffer.weights, "rewards": buffer.rewards, "advantages": buffer.advantages},
                     rollout_dir / f"round_{round_index:04d}.pt",
                 )

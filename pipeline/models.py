@@ -22,6 +22,9 @@ def build_gpt2(arch: Architecture, vocab_size: int, n_positions: int, eos_token_
         n_embd=arch.n_embd,
         n_layer=arch.n_layer,
         n_head=arch.n_head,
+        # GPT-2's tanh-approximated GELU as one fused op: "gelu_new" computes the same function in seven
+        # elementwise ops, ~8% of a tiny model's CPU training step, more in backward.
+        activation_function="gelu_pytorch_tanh",
         bos_token_id=eos_token_id,
         eos_token_id=eos_token_id,
         pad_token_id=eos_token_id,

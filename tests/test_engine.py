@@ -220,3 +220,19 @@ def test_accumulation_steps_divides_or_names_the_key():
         engine.accumulation_steps(10, 4, 1, "sft")
     with pytest.raises(ConfigError, match=r"kd\.batch_size \(8\)"):
         engine.accumulation_steps(8, 2, 3, "kd")
+
+
+def test_a_stale_jit_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch, capsys):
+    """A lock left by a process killed while loading DeepSpeed's op would make every later stage wait forever."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    engine.remove_stale_jit_lock()
+    assert lock.exists(), "a lock younger than the stale age may belong to a build in progress"
+    old = lock.stat().st_mtime - engine.STALE_JIT_LOCK_S - 1
+    os.utime(lock, (old, old))
+    engine.remove_stale_jit_lock()
+    assert not lock.exists()
+    assert "stale lock" in capsys.readouterr().out
+    engine.remove_stale_jit_lock()  # no lock: nothing to do

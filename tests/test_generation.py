@@ -119,13 +119,53 @@ def test_cached_equals_uncached(with_teacher: bool, teacher_mix: float) -> None:
         assert cached.teacher_logprobs is None
 
 
+def test_gpt2_decoder_equals_transformers_cached_forward() -> None:
+    """GPT2Decoder (eval mode) against the model's own forward with a transformers cache (training mode, which
+    the sampler routes through transformers; dropout is 0 in tiny_gpt2, so the two compute the same function)."""
+    student, teacher = tiny_gpt2(seed=1, eos_bias=2.0), tiny_gpt2(seed=2, eos_bias=2.0)
+    prompt_ids, prompt_mask = left_pad(PROMPTS, EOS)
+    rollouts = []
+    for training in (False, True):
+        student.train(training)
+        teacher.train(training)
+        rollouts.append(sample(
+            student, prompt_ids, prompt_mask, max_new_tokens=20, eos_token_id=EOS, pad_token_id=EOS,
+            generator=torch.Generator().manual_seed(5), teacher=teacher, teacher_mix=0.3,
+        ))
+    decoder, framework = rollouts
+    assert decoder.response_ids.shape[1] > 3
+    assert torch.equal(decoder.response_ids, framework.response_ids)
+    assert torch.equal(decoder.from_teacher, framework.from_teacher)
+    torch.testing.assert_close(decoder.student_logprobs, framework.student_logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(decoder.teacher_logprobs, framework.teacher_logprobs, atol=1e-5, rtol=0)
+
+
+def test_other_architectures_sample_through_a_transformers_cache() -> None:
+    """A non-GPT-2 causal LM (a tiny Llama) takes the transformers-cache path: cached equals uncached."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         eos_token_id=EOS, bos_token_id=EOS, initializer_range=0.2)
+    model = LlamaForCausalLM(config).eval()
+    prompt_ids, prompt_mask = left_pad(PROMPTS, EOS)
+    cached, uncached = (
+        sample(model, prompt_ids, prompt_mask, max_new_tokens=12, eos_token_id=EOS, pad_token_id=EOS,
+               generator=torch.Generator().manual_seed(4), use_cache=use_cache)
+        for use_cache in (True, False)
+    )
+    assert torch.equal(cached.response_ids, uncached.response_ids)
+    torch.testing.assert_close(cached.student_logprobs, uncached.student_logprobs, atol=1e-4, rtol=0)
+
+
 def test_cached_path_feeds_the_prompt_once_then_one_token_per_step() -> None:
     student, teacher = tiny_gpt2(seed=1, eos_bias=2.0), tiny_gpt2(seed=2, eos_bias=2.0)
     fed_lengths = {"student": [], "teacher": []}
     for name, model in (("student", student), ("teacher", teacher)):
-        model.register_forward_pre_hook(
-            lambda module, args, kwargs, name=name: fed_lengths[name].append(kwargs["input_ids"].shape[1]),
-            with_kwargs=True,
+        # Every forward, through transformers or GPT2Decoder, starts by embedding the tokens it is fed.
+        model.transformer.wte.register_forward_pre_hook(
+            lambda module, args, name=name: fed_lengths[name].append(args[0].shape[1])
         )
     prompt_ids, prompt_mask = left_pad(PROMPTS, EOS)
     rollout = sample(
@@ -150,6 +190,10 @@ def test_logprobs_match_teacher_forced_rescoring() -> None:
         reference = teacher_forced_logprobs(model, rollout)
         torch.testing.assert_close(logprobs[generated], reference[generated], atol=1e-4, rtol=0)
         assert torch.all(logprobs[~generated] == 0)
+    # The teacher hidden states kept for the update are the LM head's inputs that produced those log-probs.
+    head_logprobs = torch.log_softmax(teacher.lm_head(rollout.teacher_hidden).float(), -1)
+    head_logprobs = head_logprobs.gather(-1, rollout.response_ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(head_logprobs[generated], rollout.teacher_logprobs[generated], atol=1e-5, rtol=0)
 
 
 def test_left_padding_does_not_change_a_prompts_samples() -> None:
@@ -329,6 +373,7 @@ def test_decode_responses_cuts_at_first_eos() -> None:
         response_mask=torch.ones(3, 5),
         student_logprobs=torch.zeros(3, 5),
         teacher_logprobs=None,
+        teacher_hidden=None,
         from_teacher=torch.zeros(3, 5, dtype=torch.bool),
     )
     assert decode_responses(word_tokenizer(), rollout) == ["w5 w9", "w3 w4 w5 w6 w8", ""]
