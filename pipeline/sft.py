@@ -118,6 +118,7 @@ def train_sft(
             f"{stage_key}.batch_size ({stage.batch_size}) is larger than the training set ({len(train_split)} examples)"
         )
     total_steps = stage.epochs * steps_per_epoch
+    example_lengths = np.diff(train_split.offsets)
     model_engine = engine.initialize(model, stage.optimizer, total_steps, stage.micro_batch_size, grad_accum, engine_config)
     pad = tokenizer.pad_token_id
     if kd is not None:
@@ -153,6 +154,10 @@ def train_sft(
         permutation = np.random.default_rng(seed + epoch).permutation(len(train_split))
         started = time.perf_counter()
         step_indices = permutation[epoch_step * stage.batch_size : (epoch_step + 1) * stage.batch_size]
+        # Micro-batches of similar lengths pad less (a shuffled batch of the embedded default is ~45% padding).
+        # The step's examples are the same, and so are its loss and gradient: the loss is a sum normalised by the
+        # global token count.
+        step_indices = step_indices[np.argsort(example_lengths[step_indices], kind="stable")]
         micro_batches = [
             {k: v.to(dist.device) for k, v in sft_batch(train_split, indices, pad).items()}
             for indices in engine.micro_batch_indices(step_indices, stage.micro_batch_size, grad_accum, dist)
