@@ -1,15 +1,18 @@
 """One MiniLLM optimisation step through the pipeline's own functions: speed, FLOP/s, and peak memory.
 
 The step is what `pipeline.minillm.train_minillm` does per micro-batch: `surrogate_sums` (single-step reverse KL
-and PPO-clipped long-term term, teacher forward under no_grad), `pt_loss_sum` (the PT loss), backward, AdamW step.
+and PPO-clipped long-term term; the teacher's hidden states come from the rollout, only its LM head runs),
+`pt_loss_sum` (the PT loss), backward, AdamW step.
 The rollout buffer comes from `pipeline.generation.sample` and `pipeline.minillm.make_buffer` with the params.yaml
 MiniLLM settings, pt_coef set to 1 (the paper's) so the PT loss takes part. EOS is disabled: responses are full length.
 
 Reported:
   tokens/s        tokens forwarded through the student per second: batch x (prompt + response) + PT tokens
-  achieved FLOP/s 6 N_s T_s + 2 N_t T_t per step: N = matmul parameters (all but position embeddings; the
-                  tied LM head counted once), T_s the student tokens above, T_t = batch x (prompt + response)
-                  for the teacher forward. Attention-score FLOPs are left out (an underestimate of a few %).
+  achieved FLOP/s the matmul FLOPs the step runs, 6 per parameter and token with backward, 2 without:
+                  student body over batch x (prompt + response) and its LM head over the response tokens, the
+                  teacher's LM head over the response tokens (forward only), the student over the PT tokens (and
+                  the teacher too when pt_teacher_kd_ratio > 0). Parameters: all but position embeddings, the
+                  tied LM head once. Attention-score FLOPs are left out (an underestimate of a few %).
   matmul peak     FLOP/s of a large square matmul in the models' dtype, measured in this run (issue 5 target:
                   achieved >= 40% of it on GPT-2-small shapes)
   peak memory     of the step's tensors above those held before it (benchmarks/common.py: tensor_peak)
@@ -129,27 +132,32 @@ def main() -> None:
     matmul_peak = max(matmul_peak, measure_matmul_peak(device, dtype))
     sequence_tokens = args.batch * (args.prompt_len + args.response_len)
     student_tokens = sequence_tokens + args.pt_batch * args.pt_len
-    teacher_tokens = sequence_tokens * (2 if config.pt_teacher_kd_ratio > 0 else 1)
-    flops = 6 * matmul_parameters(student) * student_tokens + 2 * matmul_parameters(teacher) * teacher_tokens
+    student_head, teacher_head = (model.lm_head.weight.numel() for model in (student, teacher))
+    flops = (
+        6 * (matmul_parameters(student) - student_head) * sequence_tokens
+        + 6 * student_head * response_tokens
+        + 2 * teacher_head * response_tokens
+        + 6 * matmul_parameters(student) * args.pt_batch * args.pt_len
+        + (2 * matmul_parameters(teacher) * args.pt_batch * args.pt_len if config.pt_teacher_kd_ratio > 0 else 0)
+    )
     achieved = flops / seconds
 
     step_peak, _ = tensor_peak(step, device)
 
-    # The logits part alone: surrogate_sums on stand-ins whose bodies return the last hidden states of
-    # [prompt; response], computed once here the way surrogate_sums computes them.
+    # The logits part alone: surrogate_sums on a student stand-in whose body returns the last hidden states of
+    # [prompt; response], computed once here the way surrogate_sums computes them; the teacher's are the rollout's.
     input_ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)
     response_attention = torch.ones_like(rollout.response_mask, dtype=rollout.prompt_mask.dtype)
     attention = torch.cat([rollout.prompt_mask, response_attention], dim=1)
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         student_hidden = last_hidden_states(student, input_ids, attention, positions).requires_grad_(True)
-        teacher_hidden = last_hidden_states(teacher, input_ids, attention, positions)
+    teacher_hidden = rollout.teacher_hidden  # [batch, response, d]: already aligned with the response tokens
     student_part = LogitsPartOnly(student_hidden, student.lm_head.weight)
-    teacher_part = LogitsPartOnly(teacher_hidden, teacher.lm_head.weight)
 
     def fused_logits_part() -> dict[str, torch.Tensor]:
         student_hidden.grad = None
-        sums = surrogate_sums(student_part, teacher_part, buffer, rows, config)
+        sums = surrogate_sums(student_part, teacher, buffer, rows, config)
         ((sums["single"] + sums["long"]) / response_tokens).backward()
         return {"single": sums["single"].detach(), "long": sums["long"].detach()}
 
@@ -160,7 +168,7 @@ def main() -> None:
     def full_logits_part() -> dict[str, torch.Tensor]:
         student_hidden.grad = None
         student_logits = F.linear(student_hidden[:, response_slice], student.lm_head.weight.detach())
-        teacher_logits = F.linear(teacher_hidden[:, response_slice], teacher.lm_head.weight.detach())
+        teacher_logits = F.linear(teacher_hidden, teacher.lm_head.weight.detach())
         log_q = torch.log_softmax(student_logits.float(), dim=-1)
         logp_new = log_q.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)
         long, _ = policy_loss(
@@ -174,7 +182,7 @@ def main() -> None:
         def run() -> None:
             student_hidden.grad = None
             logp_new, single, _ = losses.fused_head_reverse_kl(
-                student_hidden[:, response_slice], student.lm_head.weight.detach(), teacher_hidden[:, response_slice],
+                student_hidden[:, response_slice], student.lm_head.weight.detach(), teacher_hidden,
                 teacher.lm_head.weight, rollout.response_ids, mask, weights=buffer.weights, chunk_size=chunk_size,
             )
             long, _ = policy_loss(
@@ -207,7 +215,7 @@ def main() -> None:
             ["step seconds", seconds, ""],
             ["student tokens/s", student_tokens / seconds, ""],
             ["response tokens/s", response_tokens / seconds, ""],
-            ["achieved GFLOP/s (6N_sT_s + 2N_tT_t)", achieved / 1e9, ""],
+            ["achieved GFLOP/s (matmul FLOPs run / s)", achieved / 1e9, ""],
             ["matmul peak GFLOP/s", matmul_peak / 1e9, ""],
             ["achieved / matmul peak", achieved / matmul_peak, ">= 0.4"],
             *([["MFU vs nominal peak", achieved / (args.nominal_tflops * 1e12), ""]] if args.nominal_tflops else []),

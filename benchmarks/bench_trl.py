@@ -3,8 +3,9 @@
 Contenders, each in its own subprocess (so peak RSS is its own), on the same tiny random-init teacher and student
 (params.yaml's default shapes: 4x128 and 2x64), the same byte-level BPE tokenizer trained here on the synthetic
 suite, the same prompts (instruction prompts of that suite, spec §1 template), batch and generation length:
-    ours     one on-policy round per optimiser step: `pipeline.generation.sample` (teacher-mixed, KV-cached, alpha
-             0.2), `pipeline.minillm.make_buffer`, `surrogate_sums` (single-step reverse KL + PPO term), AdamW
+    ours     one on-policy round per optimiser step: `pipeline.generation.sample` (teacher-mixed, both models
+             KV-cached through GPT2Decoder, alpha 0.2), `pipeline.minillm.make_buffer`, `surrogate_sums`
+             (single-step reverse KL + PPO term; the teacher's hidden states are the rollout's), AdamW
     gkd      trl.experimental.gkd.GKDTrainer, lmbda=1 (always on-policy: student `generate`), beta=1 (reverse KL)
     minillm  trl.experimental.minillm.MiniLLMTrainer (GRPO-based), num_generations=2, same samples per step
 EOS is disabled in every model, so every sample is exactly --new-tokens long. Every contender runs --steps

@@ -101,9 +101,9 @@ def rollout_diagnostics(buffer: RolloutBuffer, teacher_mix: float) -> dict[str, 
 
 # Positions per chunk of the fused LM-head loss; its memory is ~5 fp32 [B, chunk, V] tensors. Measured with
 # benchmarks/bench_step.py (one thread) on the embedded default's shapes (vocabulary 1024, batch 16 x 48 response
-# tokens), the logits part forward + backward takes 24 / 22 / 21 / 20 ms at chunk 8 / 16 / 32 / 64, and the whole
-# surrogate_sums step ~140 ms at every chunk (differences within noise). 16 costs ~1% of the step against 64 and
-# keeps the logits part within 1.5x one model's fp32 logits from 64 response tokens up (GPT-2 shapes: 1.27x at 64).
+# tokens), the logits part forward + backward takes 24 / 22 / 21 / 20 ms at chunk 8 / 16 / 32 / 64. 16 costs ~2 ms
+# a step against 64 and keeps the logits part within 1.5x one model's fp32 logits from 64 response tokens up
+# (GPT-2 shapes: 1.27x at 64).
 FUSED_CHUNK = 16
 
 
@@ -285,8 +285,14 @@ def train_minillm(
         parts = {"single": 0.0, "long": 0.0, "pt": 0.0, "clipped": 0.0, "entropy": 0.0}
         for index, (rows, pt_indices) in enumerate(zip(micro, pt_rows)):
             sums = surrogate_sums(model_engine, teacher, buffer, torch.from_numpy(rows), config)
-            pt_sum = pt_loss_sum(model_engine, teacher, pt_blocks[pt_indices].to(device), config.pt_teacher_kd_ratio)
-            loss = (sums["single"] + sums["long"]) / response_tokens + config.pt_coef * pt_sum / pt_tokens
+            pt_batch = pt_blocks[pt_indices].to(device)
+            loss = (sums["single"] + sums["long"]) / response_tokens
+            if config.pt_coef > 0:
+                pt_sum = pt_loss_sum(model_engine, teacher, pt_batch, config.pt_teacher_kd_ratio)
+                loss = loss + config.pt_coef * pt_sum / pt_tokens
+            else:
+                with torch.no_grad():  # logged only: with a zero coefficient its backward would add zeros, at full cost
+                    pt_sum = pt_loss_sum(model_engine, teacher, pt_batch, config.pt_teacher_kd_ratio)
             model_engine.backward(loss * (model_engine.gradient_accumulation_steps() * world))
             if index == len(micro) - 1:
                 norm = engine.grad_norm_before_step(model_engine)
