@@ -236,3 +236,15 @@ def test_a_stale_jit_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch,
     assert not lock.exists()
     assert "stale lock" in capsys.readouterr().out
     engine.remove_stale_jit_lock()  # no lock: nothing to do
+
+
+def test_the_environments_ninja_comes_first_on_path(monkeypatch):
+    """Two ninja versions read each other's build logs as stale: alternating would rebuild DeepSpeed's op each time."""
+    bin_dir = os.path.dirname(sys.executable)
+    if not os.path.isfile(os.path.join(bin_dir, "ninja")):
+        pytest.skip("no ninja installed beside this interpreter")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    engine.use_environment_ninja()
+    assert os.environ["PATH"] == f"{bin_dir}:/usr/bin:/bin"
+    engine.use_environment_ninja()  # already first: unchanged
+    assert os.environ["PATH"] == f"{bin_dir}:/usr/bin:/bin"
