@@ -6,7 +6,7 @@ a stage's time runs from its line to the next one (the last stage's to the end o
 benchmarks/results/pipeline_timing.md and prints it. Target (issue 5): the whole pipeline within 10 minutes on a
 2-core CPU.
 
-    .venv/bin/python -m benchmarks.bench_pipeline            # ~12 min on 2 cores
+    .venv/bin/python -m benchmarks.bench_pipeline            # ~9 min on 2 cores
     .venv/bin/python -m benchmarks.bench_pipeline --here     # in this checkout: also regenerates its outputs
 """
 

@@ -260,6 +260,8 @@ def train_minillm(
             buffer = make_buffer(rollout, config)
             generated = int(engine.global_sum(float(rollout.response_mask.sum()), device))
             result.generated_tokens += generated
+            # The teacher runs on every generated token while sampling, and only its LM head in the updates.
+            result.teacher_forward_tokens += generated
             round_stats = rollout_diagnostics(buffer, config.teacher_mix)
             round_stats["rollout/tokens_per_s"] = generated / (time.perf_counter() - round_started)
             if dist.is_main:
@@ -332,7 +334,6 @@ def train_minillm(
             )
         else:
             result.response_tokens_trained += int(response_tokens)
-            result.teacher_forward_tokens += int(response_tokens)
             result.train_curve.append({"step": step, **{k.replace("/", "_"): v for k, v in metrics.items()}})
             log_metrics(metrics, step)
             progress.set_postfix(reward=f"{round_stats['rollout/reward_mean']:.2f}")
