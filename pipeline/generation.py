@@ -24,8 +24,8 @@ batch, which keeps the random stream identical to transformers' own sampler (one
 the whole batch) and avoids re-slicing every cache layer whenever a row ends.
 
 GPT-2 decoding without the framework. A tiny model's one-token forward through transformers spends most of
-its time outside arithmetic: a growing DynamicCache, a fresh 4-D causal mask per call and per model, output
-and output dataclasses (benchmarks/bench_rollouts.py measures it). `GPT2Decoder` runs the same weights
+its time outside arithmetic: a growing DynamicCache, a fresh 4-D causal mask per call and per model, and
+output dataclasses (benchmarks/bench_rollouts.py measures it). `GPT2Decoder` runs the same weights
 on a preallocated KV cache, with one visibility mask built per `sample` call and shared by both models.
 Other architectures, and models in training mode (dropout), go through the model's own forward with a
 transformers cache.
