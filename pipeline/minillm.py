@@ -287,14 +287,12 @@ def train_minillm(
         parts = {"single": 0.0, "long": 0.0, "pt": 0.0, "clipped": 0.0, "entropy": 0.0}
         for index, (rows, pt_indices) in enumerate(zip(micro, pt_rows)):
             sums = surrogate_sums(model_engine, teacher, buffer, torch.from_numpy(rows), config)
-            pt_batch = pt_blocks[pt_indices].to(device)
+            # With a zero coefficient the PT loss is only logged: its backward would add zeros, at full cost.
+            with torch.set_grad_enabled(config.pt_coef > 0):
+                pt_sum = pt_loss_sum(model_engine, teacher, pt_blocks[pt_indices].to(device), config.pt_teacher_kd_ratio)
             loss = (sums["single"] + sums["long"]) / response_tokens
             if config.pt_coef > 0:
-                pt_sum = pt_loss_sum(model_engine, teacher, pt_batch, config.pt_teacher_kd_ratio)
                 loss = loss + config.pt_coef * pt_sum / pt_tokens
-            else:
-                with torch.no_grad():  # logged only: with a zero coefficient its backward would add zeros, at full cost
-                    pt_sum = pt_loss_sum(model_engine, teacher, pt_batch, config.pt_teacher_kd_ratio)
             model_engine.backward(loss * (model_engine.gradient_accumulation_steps() * world))
             if index == len(micro) - 1:
                 norm = engine.grad_norm_before_step(model_engine)
