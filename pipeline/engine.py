@@ -8,7 +8,6 @@ W, so the update is sum(all token losses) / N_global: independent of how the glo
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import math
 import os
@@ -17,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -69,33 +67,18 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-# DeepSpeed's CPU backend JIT-loads its shared-memory op under a lock file at every start. A process killed while
-# holding it leaves the file behind, and every later stage then waits on it forever, silently. Loading takes
-# seconds and a first build about a minute, so a lock this old is stale.
-STALE_JIT_LOCK_S = 600
+def skip_shared_memory_comm_op() -> None:
+    """Keep DeepSpeed from JIT-building its CPU shared-memory communication op (`deepspeed_shm_comm`).
 
+    DeepSpeed builds it at every `init_distributed` on the CPU (about a minute the first time, under a file lock in
+    torch's extension directory), yet only its `inference_all_reduce` (tensor-parallel inference) calls it: training,
+    ZeRO included, all-reduces through gloo. A stage killed while building it left the lock behind, and every later
+    stage then waited on that lock forever, printing nothing. DeepSpeed skips the op when its compatibility table
+    marks it incompatible, so marking it so means no build, no lock and no wait, whatever a killed run left behind.
+    """
+    import deepspeed.ops
 
-def remove_stale_jit_lock() -> None:
-    from torch.utils.cpp_extension import _get_build_directory
-
-    lock = os.path.join(_get_build_directory("deepspeed_shm_comm", verbose=False), "lock")
-    try:
-        age = time.time() - os.path.getmtime(lock)
-    except FileNotFoundError:
-        return
-    if age > STALE_JIT_LOCK_S:
-        print(f"removing {lock}: a stale lock ({age:.0f} s old) left by a process killed while loading DeepSpeed's op")
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(lock)
-
-
-def use_environment_ninja() -> None:
-    """torch's JIT build runs whichever `ninja` PATH finds first. The system's (1.11) and this environment's (1.13,
-    a DeepSpeed dependency) keep build logs the other reads as stale, so alternating between them, as a stage run
-    with or without the venv on PATH does, rebuilds the op each time (~30 s on 2 cores). This environment's wins."""
-    bin_dir = os.path.dirname(sys.executable)
-    if os.path.isfile(os.path.join(bin_dir, "ninja")) and os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
-        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def setup(engine: EngineConfig) -> Dist:
@@ -110,8 +93,7 @@ def setup(engine: EngineConfig) -> Dist:
         raise ConfigError("engine.device: cuda requested but no GPU is visible")
     if not dist.is_initialized():
         if engine.device == "cpu":
-            use_environment_ninja()
-            remove_stale_jit_lock()
+            skip_shared_memory_comm_op()
         deepspeed.init_distributed(dist_backend="gloo" if engine.device == "cpu" else "nccl", verbose=False)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if engine.device == "cuda":

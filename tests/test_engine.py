@@ -127,8 +127,10 @@ def child_environment() -> dict[str, str]:
 
 
 def run_worker(num_procs: int, micro_batch: int, out: Path) -> dict:
-    env = child_environment()
-    env["PYTHONPATH"] = str(REPO_ROOT)
+    # An empty extension directory of its own: the ranks must train, ZeRO 1-2 included, without JIT-building an op.
+    extensions = out.with_suffix(".torch_extensions")
+    extensions.mkdir()
+    env = child_environment() | {"PYTHONPATH": str(REPO_ROOT), "TORCH_EXTENSIONS_DIR": str(extensions)}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_procs}",
         str(REPO_ROOT / "tests" / "ddp_worker.py"), "--micro-batch", str(micro_batch),
@@ -136,6 +138,7 @@ def run_worker(num_procs: int, micro_batch: int, out: Path) -> dict:
     ]  # fmt: skip
     completed = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-4000:]
+    assert not any(extensions.iterdir()), f"an op was built: {sorted(p.name for p in extensions.iterdir())}"
     return torch.load(out)
 
 
@@ -222,29 +225,32 @@ def test_accumulation_steps_divides_or_names_the_key():
         engine.accumulation_steps(8, 2, 3, "kd")
 
 
-def test_a_stale_jit_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch, capsys):
-    """A lock left by a process killed while loading DeepSpeed's op would make every later stage wait forever."""
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    lock = tmp_path / "deepspeed_shm_comm" / "lock"
-    lock.parent.mkdir()
-    lock.touch()
-    engine.remove_stale_jit_lock()
-    assert lock.exists(), "a lock younger than the stale age may belong to a build in progress"
-    old = lock.stat().st_mtime - engine.STALE_JIT_LOCK_S - 1
-    os.utime(lock, (old, old))
-    engine.remove_stale_jit_lock()
-    assert not lock.exists()
-    assert "stale lock" in capsys.readouterr().out
-    engine.remove_stale_jit_lock()  # no lock: nothing to do
+LEFT_BY_A_KILLED_BUILD = """
+import os, sys
+from pipeline import engine
+from pipeline.config import EngineConfig, Optimizer
+from tests.ddp_worker import tiny_model
+config = EngineConfig(num_procs=1, launcher="torchrun", device="cpu", precision="fp32", zero_stage=0)
+engine.setup(config)
+optimizer = Optimizer(lr=1e-3, min_lr=1e-4, weight_decay=0.0, grad_clip=1.0, schedule="cosine", warmup_steps=0)
+engine.initialize(tiny_model(), optimizer, total_steps=2, micro_batch=1, grad_accum=1, engine=config)
+print("engine ready")
+"""
 
 
-def test_the_environments_ninja_comes_first_on_path(monkeypatch):
-    """Two ninja versions read each other's build logs as stale: alternating would rebuild DeepSpeed's op each time."""
-    bin_dir = os.path.dirname(sys.executable)
-    if not os.path.isfile(os.path.join(bin_dir, "ninja")):
-        pytest.skip("no ninja installed beside this interpreter")
-    monkeypatch.setenv("PATH", "/usr/bin:/bin")
-    engine.use_environment_ninja()
-    assert os.environ["PATH"] == f"{bin_dir}:/usr/bin:/bin"
-    engine.use_environment_ninja()  # already first: unchanged
-    assert os.environ["PATH"] == f"{bin_dir}:/usr/bin:/bin"
+def test_a_lock_left_by_a_killed_op_build_does_not_stop_the_next_stage(tmp_path):
+    """Issue 15: DeepSpeed JIT-built its CPU shm op under torch's extension lock; a stage killed during that build left
+    the lock (and a half-built directory), and every later stage waited on it forever, printing nothing. Here that
+    state is planted in a fresh extension directory, lock one second old, as a kill leaves it: a stage must set up
+    DeepSpeed without waiting and without building anything. With the op still loaded, this times out."""
+    build_dir = tmp_path / "deepspeed_shm_comm"
+    build_dir.mkdir()
+    (build_dir / "lock").touch()
+    (build_dir / "build.ninja").write_text("# half-written by a killed build\n")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    env = child_environment() | {"TORCH_EXTENSIONS_DIR": str(tmp_path), "PYTHONPATH": str(REPO_ROOT)}
+    completed = subprocess.run([sys.executable, "-c", LEFT_BY_A_KILLED_BUILD], env=env, cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "engine ready" in completed.stdout
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before, "nothing is built or touched"
