@@ -8,7 +8,9 @@ and its gap to the teacher; cells mean ± std over every (training seed, samplin
 size bold. reports/measurements.md (long format measurements.csv): ECE, distinct-4, response length, Rouge-L by
 gold-response length, ExAccErr, and cost per method from the training stages' metrics files. reports/paper.md: the
 paper's published Table 1 next to ours where the paper-scale config ran. Plots: Rouge-L bars, MiniLLM training
-curves, Rouge-L by length bucket, Rouge-L against training FLOPs, ExAccErr against l.
+curves, Rouge-L by length bucket, Rouge-L against training FLOPs, ExAccErr against l. reports/summary.json, the one
+declared DVC metric: per model the mean Rouge-L of each set and their average. plots/compare/: each method's
+validation curve, for `dvc plots show`. The inputs are exactly the outputs of the stages dvc.yaml defines now.
 """
 
 import json
@@ -22,7 +24,8 @@ import pandas as pd  # noqa: E402
 
 from pipeline import eval_metrics
 from pipeline.config import exit_on_user_error, load_params
-from pipeline.io import atomic_write_text
+from pipeline.dvc_stages import current_outputs
+from pipeline.io import atomic_directory, atomic_write_json, atomic_write_text
 from pipeline.synthetic import EVAL_SETS
 from pipeline.tracking import StageRun
 
@@ -44,13 +47,13 @@ PAPER_TABLE1 = {
 PAPER_MODEL_SIZES = {"gpt2-xl": "1.5B", "gpt2": "120M", "gpt2-medium": "340M", "gpt2-large": "760M"}
 
 
-REPORT_FILES = ("table1.md", "table1.csv", "results.csv", "paper.md", "measurements.md", "measurements.csv", "rouge_l.png",
+REPORT_FILES = ("summary.json", "table1.md", "table1.csv", "results.csv", "paper.md", "measurements.md", "measurements.csv", "rouge_l.png",
                 "minillm_training.png", "rouge_l_by_length.png", "rouge_l_vs_cost.png", "exposure_bias.png")
 
 
-def long_results(metrics_dir: Path) -> pd.DataFrame:
+def long_results(metrics_files: list[Path]) -> pd.DataFrame:
     rows = []
-    for path in sorted(metrics_dir.glob("*.json")):
+    for path in metrics_files:
         metrics = json.loads(path.read_text())
         for eval_set, summary in metrics["sets"].items():
             for seed, rouge in summary["per_seed"].items():
@@ -106,6 +109,30 @@ def table1_markdown(numbers: pd.DataFrame) -> str:
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)  # keep "-8.00", not -8
 
 
+def headline(numbers: pd.DataFrame) -> dict:
+    """The declared DVC metric (reports/summary.json), what `dvc exp show` and `dvc metrics diff` compare: per model
+    ("teacher", or "<method>@<student>") the Table 1 mean Rouge-L of each set and their average."""
+    summary = {}
+    for _, row in numbers.iterrows():
+        model = "teacher" if row["method"] == "teacher" else f"{row['method']}@{row['student']}"
+        sets = {column.removesuffix("_mean"): round(row[column], 2) for column in numbers.columns if column.endswith("_mean")}
+        summary[model] = {"avg": round(row["average"], 2), **sets}
+    return summary
+
+
+def validation_curves(curve_files: list[Path]) -> dict[str, pd.DataFrame]:
+    """{"<method>@<student>": validation Rouge-L against the step, mean over training seeds}, from the current stages'
+    curve files: plots/init_student/<student>-seed<k>/valid.csv (SFT w/o KD) and plots/distill/<method>/..."""
+    runs: dict[str, list[pd.DataFrame]] = {}
+    for path in curve_files:
+        if path.name != "valid.csv":
+            continue
+        method = "sft" if path.parts[1] == "init_student" else path.parts[2]
+        student = path.parent.name.rsplit("-seed", 1)[0]
+        runs.setdefault(f"{method}@{student}", []).append(pd.read_csv(path)[["step", "valid_rouge_l"]])
+    return {model: pd.concat(frames).groupby("step", as_index=False)["valid_rouge_l"].mean() for model, frames in runs.items()}
+
+
 def plot_rouge_bars(results: pd.DataFrame, path: str) -> None:
     """Rouge-L per evaluation set, one bar per method and student, error bars = std over seeds."""
     summary = results.groupby(["method", "student", "eval_set"])["rouge_l"].agg(["mean", "std"]).reset_index()
@@ -126,10 +153,10 @@ def plot_rouge_bars(results: pd.DataFrame, path: str) -> None:
     save_figure(figure, path)
 
 
-def plot_minillm_training(curves_dir: Path, path: str) -> None:
+def plot_minillm_training(curve_dirs: list[Path], path: str) -> None:
     """MiniLLM's reward, reverse KL and validation Rouge-L against the optimiser step, a line per student."""
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for student_dir in sorted(p for p in curves_dir.iterdir() if p.is_dir()):
+    for student_dir in curve_dirs:
         train, valid = pd.read_csv(student_dir / "train.csv"), pd.read_csv(student_dir / "valid.csv")
         axes[0].plot(train["step"], train["rollout_reward_mean"], label=student_dir.name)
         axes[1].plot(train["step"], train["rollout_reverse_kl_per_token"], label=f"{student_dir.name} rollouts (per token)")
@@ -151,10 +178,10 @@ def in_table_order(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.loc[keys.sort_values(["is_student", "student", "order"]).index]
 
 
-def set_measurements(metrics_dir: Path) -> pd.DataFrame:
+def set_measurements(metrics_files: list[Path]) -> pd.DataFrame:
     """One row per (method, student, train_seed, eval_set): the evaluate stage's measurements beyond Rouge-L."""
     rows = []
-    for path in sorted(metrics_dir.glob("*.json")):
+    for path in metrics_files:
         metrics = json.loads(path.read_text())
         for eval_set, summary in metrics["sets"].items():
             row = {"method": metrics["method"], "student": metrics["student"], "train_seed": metrics["train_seed"],
@@ -183,10 +210,10 @@ def rouge_by_length(measurements: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=["method", "student", "bucket", "rouge_l", "examples"])
 
 
-def exposure_curves(metrics_dir: Path) -> pd.DataFrame:
+def exposure_curves(metrics_files: list[Path]) -> pd.DataFrame:
     """ExAccErr(l) per (method, student, l), averaged over training seeds; the teacher has none."""
     rows = []
-    for path in sorted(metrics_dir.glob("*.json")):
+    for path in metrics_files:
         metrics = json.loads(path.read_text())
         curve = metrics.get("exposure_bias", {}).get("curve")
         if curve:
@@ -392,8 +419,9 @@ def main() -> None:
     params = load_params()
     tracked = {"evaluate.seeds": params.evaluate.seeds, "train_seeds": params.train_seeds, "data.source": params.data.source}
     with StageRun("report", tracked) as run:
-        metrics_dir = Path("metrics/eval")
-        results = long_results(metrics_dir)
+        # Exactly the outputs of the stages dvc.yaml defines now, never whatever else lies in these directories.
+        metrics_files = current_outputs("metrics/eval")
+        results = long_results(metrics_files)
         atomic_write_text("reports/results.csv", results.to_csv(index=False))
         numbers = table1_numbers(results)
         atomic_write_text("reports/table1.csv", numbers.to_csv(index=False))
@@ -407,17 +435,22 @@ def main() -> None:
             + table1_markdown(numbers) + "\n"
         )
         atomic_write_text("reports/table1.md", markdown)
+        atomic_write_json("reports/summary.json", headline(numbers))
+        curve_files = current_outputs("plots/init_student") + current_outputs("plots/distill")
+        with atomic_directory("plots/compare") as compare_dir:
+            for model, curve in validation_curves(curve_files).items():
+                curve.to_csv(compare_dir / f"{model}.csv", index=False)
         atomic_write_text("reports/paper.md", paper_comparison(params, numbers))
 
-        measurements = set_measurements(metrics_dir)
+        measurements = set_measurements(metrics_files)
         atomic_write_text("reports/measurements.csv", measurements.to_csv(index=False))
         by_length = rouge_by_length(measurements)
-        exposure = exposure_curves(metrics_dir)
+        exposure = exposure_curves(metrics_files)
         cost = costs(numbers, measurements, Path("metrics"))
         atomic_write_text("reports/measurements.md", measurements_markdown(measurements, by_length, exposure, cost))
 
         plot_rouge_bars(results, "reports/rouge_l.png")
-        plot_minillm_training(Path("plots/distill/minillm"), "reports/minillm_training.png")
+        plot_minillm_training(sorted({path.parent for path in current_outputs("plots/distill/minillm")}), "reports/minillm_training.png")
         plot_rouge_by_length(by_length, "reports/rouge_l_by_length.png")
         plot_rouge_vs_cost(cost, "reports/rouge_l_vs_cost.png")
         plot_exposure_bias(exposure, "reports/exposure_bias.png")

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import mlflow
 import pandas as pd
 import pytest
+from dvc.repo import Repo
 
 from stages import report
 
@@ -54,6 +55,10 @@ def fake_metrics_tree(root: Path) -> None:
                     "teacher_forward_tokens": 60, "wall_time_s": 30.0})
 
 
+def eval_files(metrics_root: Path) -> list[Path]:
+    return sorted((metrics_root / "eval").glob("*.json"))
+
+
 @pytest.fixture
 def metrics_root(tmp_path: Path) -> Path:
     fake_metrics_tree(tmp_path / "metrics")
@@ -61,7 +66,7 @@ def metrics_root(tmp_path: Path) -> Path:
 
 
 def test_table1_numbers_by_hand(metrics_root: Path):
-    numbers = report.table1_numbers(report.long_results(metrics_root / "eval")).set_index("method")
+    numbers = report.table1_numbers(report.long_results(eval_files(metrics_root))).set_index("method")
     assert list(numbers.index) == ["teacher", "sft", "minillm"]
     # Mean and sample std (ddof 1) over the (training seed, sampling seed) runs.
     sd_four_spaced_by_two = (20 / 3) ** 0.5  # e.g. 20, 22, 24, 26: deviations -3, -1, 1, 3
@@ -80,7 +85,7 @@ def test_table1_numbers_by_hand(metrics_root: Path):
 
 
 def test_table1_markdown_marks_the_best_student_per_column(metrics_root: Path):
-    markdown = report.table1_markdown(report.table1_numbers(report.long_results(metrics_root / "eval")))
+    markdown = report.table1_markdown(report.table1_numbers(report.long_results(eval_files(metrics_root))))
     rows = {line.split("|")[2].strip(): [cell.strip() for cell in line.split("|")[3:-1]]
             for line in markdown.splitlines()[2:]}
     assert rows["Teacher"] == ["32.00 ± 2.83", "50.00 ± 0.00", "41.00", ""]  # the teacher is never marked
@@ -89,8 +94,8 @@ def test_table1_markdown_marks_the_best_student_per_column(metrics_root: Path):
 
 
 def test_costs_by_hand(metrics_root: Path):
-    numbers = report.table1_numbers(report.long_results(metrics_root / "eval"))
-    cost = report.costs(numbers, report.set_measurements(metrics_root / "eval"), metrics_root).set_index("method")
+    numbers = report.table1_numbers(report.long_results(eval_files(metrics_root)))
+    cost = report.costs(numbers, report.set_measurements(eval_files(metrics_root)), metrics_root).set_index("method")
     # SFT: 6 N trained, seeds 1 and 2: 6*1000*100 and 6*1000*200.
     assert cost.loc["sft", "flops"] == pytest.approx((600_000 + 1_200_000) / 2)
     assert cost.loc["sft", "wall_time_s"] == pytest.approx(15.0)
@@ -110,12 +115,12 @@ def test_cost_reports_missing_fields(metrics_root: Path):
 
 
 def test_rouge_by_length_and_exposure_curves(metrics_root: Path):
-    by_length = report.rouge_by_length(report.set_measurements(metrics_root / "eval"))
+    by_length = report.rouge_by_length(report.set_measurements(eval_files(metrics_root)))
     sft = by_length[by_length["method"] == "sft"].set_index("bucket")
     # Per run, both sets pooled by count (3 each): seed 1 (20 + 40) / 2 = 30, seed 2 (24 + 44) / 2 = 34; mean 32.
     assert sft.loc["0-5", "rouge_l"] == pytest.approx(32.0)
     assert sft.loc["11-inf", "rouge_l"] == pytest.approx(((22 + 42) / 2 + (26 + 46) / 2) / 2)
-    exposure = report.exposure_curves(metrics_root / "eval").set_index(["method", "l"])
+    exposure = report.exposure_curves(eval_files(metrics_root)).set_index(["method", "l"])
     assert exposure.loc[("minillm", 2), "ex_acc_err"] == pytest.approx(-1.5)  # -1 and -2 over the training seeds
     assert ("teacher", 1) not in exposure.index
 
@@ -138,6 +143,22 @@ def test_paper_comparison():
     assert "no difference to the paper is computed" in markdown and " / " not in markdown.split("\n| Model")[1]
 
 
+# The stages whose outputs fake_metrics_tree writes, as a matrix over methods and training seeds like dvc.yaml's.
+FAKE_PIPELINE = """
+stages:
+  evaluate_teacher:
+    cmd: "true"
+    outs: [{metrics/eval/teacher.json: {cache: false}}]
+  evaluate:
+    matrix: {method: [sft, minillm], seed: [1, 2]}
+    cmd: "true"
+    outs: [{"metrics/eval/${item.method}-S-seed${item.seed}.json": {cache: false}}]
+  distill_minillm:
+    cmd: "true"
+    plots: [{plots/distill/minillm/S-seed1/train.csv: {cache: false}}, {plots/distill/minillm/S-seed1/valid.csv: {cache: false}}]
+"""
+
+
 def test_report_stage_writes_every_file(metrics_root: Path, monkeypatch: pytest.MonkeyPatch):
     workdir = metrics_root.parent
     shutil.copy(REPO / "tests" / "micro_params.yaml", workdir / "params.yaml")
@@ -147,10 +168,23 @@ def test_report_stage_writes_every_file(metrics_root: Path, monkeypatch: pytest.
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy(source, target / name)
     (workdir / "reports").mkdir()
+    # The report reads the outputs of the stages dvc.yaml defines, here the fake tree's; a file left by a stage
+    # that no longer exists (training seed 9) must not reach the table.
+    (workdir / "dvc.yaml").write_text(FAKE_PIPELINE)
+    write_json(metrics_root / "eval" / "minillm-S-seed9.json", {"method": "minillm", "student": "S", "train_seed": 9,
+                                                                "sets": {"dollyeval": {"per_seed": {"10": 99.0}}}})
     monkeypatch.chdir(workdir)
+    Repo.init(no_scm=True).close()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir}/mlflow.db")
     monkeypatch.setenv("MINILLM_PIPELINE_ID", "report-test")
     report.main()
+    assert set(pd.read_csv(workdir / "reports" / "results.csv")["train_seed"]) == {1, 2, 1234}
+    summary = json.loads((workdir / "reports" / "summary.json").read_text())
+    assert summary["minillm@S"] == {"avg": 34.0, "dollyeval": 28.0, "sni": 40.0}  # (25+27+29+31)/4, (38+40+40+42)/4
+    assert summary.keys() == {"teacher", "sft@S", "minillm@S"}
+    valid = pd.read_csv(workdir / "plots" / "distill" / "minillm" / "S-seed1" / "valid.csv")
+    compare = pd.read_csv(workdir / "plots" / "compare" / "minillm@S.csv")
+    assert compare.to_dict("list") == valid[["step", "valid_rouge_l"]].to_dict("list")  # one training seed: its curve
     for name in report.REPORT_FILES:
         assert (workdir / "reports" / name).stat().st_size > 0, name
     assert "**28.00 ± 2.58**" in (workdir / "reports" / "table1.md").read_text()
@@ -179,7 +213,7 @@ def test_readme_search_runs_snippet_rebuilds_the_table(metrics_root: Path, monke
     namespace = {}
     exec(readme_snippet(), namespace)  # noqa: S102 - the README's own code, run as a user would
     table = namespace["table"]
-    numbers = report.table1_numbers(report.long_results(metrics_root / "eval")).set_index(["student", "method"])
+    numbers = report.table1_numbers(report.long_results(eval_files(metrics_root))).set_index(["student", "method"])
     for (student, method), row in numbers.iterrows():
         for eval_set in ("dollyeval", "sni"):
             assert table.loc[(student, method), eval_set] == pytest.approx(row[f"{eval_set}_mean"])

@@ -1,0 +1,69 @@
+"""The pipeline as `dvc.yaml` defines it now, read through DVC itself (which expands `foreach` and `matrix` over the
+current params), and the removal of what stages that no longer exist left behind.
+
+Removing a training seed from `train_seeds` or a student from `models.students` removes matrix stages, but DVC
+leaves their outputs in the workspace (git-tracked metrics files among them) and their entries in `dvc.lock`. A
+report that globbed `metrics/eval/` then pooled those stale results, from another config or another synthetic world,
+with the current ones. So the report reads exactly the outputs of the current stages (`current_outputs`), and
+`check_params`, which reruns whenever params.yaml changes, deletes the rest (`prune_removed_stages`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path, PurePosixPath
+
+import yaml
+
+from pipeline.io import atomic_write_text
+
+
+def current_stages() -> dict[str, list[str]]:
+    """{stage name as `dvc repro` prints it: its output paths (outs, metrics and plots)}, from dvc.yaml and the
+    params in the working directory's repository."""
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        return {stage.addressing: [out.def_path for out in stage.outs] for stage in repo.index.stages}
+
+
+def current_outputs(under: str) -> list[Path]:
+    """The outputs of the current stages that lie under the directory `under`, sorted."""
+    root = PurePosixPath(under)
+    paths = {PurePosixPath(path) for outs in current_stages().values() for path in outs}
+    return [Path(path) for path in sorted(paths) if root in path.parents]
+
+
+def _overlaps(path: PurePosixPath, others: set[PurePosixPath]) -> bool:
+    return any(path == other or path in other.parents or other in path.parents for other in others)
+
+
+def prune_removed_stages(lock_path: str | Path = "dvc.lock") -> list[str]:
+    """Delete the outputs, and drop the dvc.lock entries, of every stage the lock records but dvc.yaml no longer
+    defines. An output that is also (inside, or a parent of) a current stage's output is kept. Returns the names of
+    the removed stages; prints one line for each."""
+    lock_path = Path(lock_path)
+    if not lock_path.is_file():
+        return []
+    lock = yaml.safe_load(lock_path.read_text()) or {}
+    recorded = lock.get("stages") or {}
+    stages = current_stages()
+    removed = [name for name in recorded if name not in stages]
+    if not removed:
+        return []
+    kept_outputs = {PurePosixPath(path) for outs in stages.values() for path in outs}
+    for name in removed:
+        deleted = []
+        for out in recorded[name].get("outs") or []:
+            path = PurePosixPath(out["path"])
+            if _overlaps(path, kept_outputs) or not Path(path).exists():
+                continue
+            if Path(path).is_dir():
+                shutil.rmtree(path)
+            else:
+                Path(path).unlink()
+            deleted.append(str(path))
+        del recorded[name]
+        print(f"removed stage {name}: no longer in dvc.yaml; deleted {', '.join(deleted) or 'nothing'} and its dvc.lock entry")
+    atomic_write_text(lock_path, yaml.safe_dump(lock, sort_keys=False, allow_unicode=True))
+    return removed

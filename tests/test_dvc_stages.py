@@ -1,0 +1,83 @@
+"""pipeline/dvc_stages.py on a small DVC project in a temporary directory: the current stages as DVC expands the
+matrix over params, and the removal of a removed stage's outputs and dvc.lock entry (issue 15: stale results)."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from dvc.repo import Repo
+
+from pipeline.dvc_stages import current_outputs, current_stages, prune_removed_stages
+
+PIPELINE = """
+stages:
+  shared:
+    cmd: "true"
+    outs: [data]
+  train:
+    matrix: {student: "${students}", seed: "${train_seeds}"}
+    cmd: "true"
+    outs: ["models/${item.student}/seed${item.seed}"]
+    metrics: [{"metrics/eval/${item.student}-seed${item.seed}.json": {cache: false}}]
+"""
+
+
+def lock_entry(*paths: str) -> dict:
+    return {"cmd": "true", "outs": [{"path": path, "md5": "0" * 32, "size": 1} for path in paths]}
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    Repo.init(no_scm=True).close()
+    (tmp_path / "dvc.yaml").write_text(PIPELINE)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"students": ["a"], "train_seeds": [1]}))
+    return tmp_path
+
+
+def write_outputs(*paths: str) -> None:
+    for path in paths:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text("x")
+
+
+def test_current_stages_expand_the_matrix_over_the_params(project: Path):
+    assert current_stages() == {"shared": ["data"], "train@a-1": ["models/a/seed1", "metrics/eval/a-seed1.json"]}
+    (project / "params.yaml").write_text(yaml.safe_dump({"students": ["a", "b"], "train_seeds": [1, 2]}))
+    assert current_outputs("metrics/eval") == [Path(f"metrics/eval/{s}-seed{k}.json") for s in "ab" for k in (1, 2)]
+    assert current_outputs("metrics") == current_outputs("metrics/eval")
+    assert current_outputs("metrics/ev") == []  # a directory, not a string prefix
+
+
+def test_a_removed_stage_loses_its_outputs_and_lock_entry(project: Path, capsys: pytest.CaptureFixture):
+    """The run that wrote the lock had students a and b and seeds 1 and 2; now only a with seed 1 is left."""
+    everything = ["data/x", "models/a/seed1/w", "metrics/eval/a-seed1.json"]
+    stale = ["models/a/seed2/w", "metrics/eval/a-seed2.json", "models/b/seed1/w", "metrics/eval/b-seed1.json"]
+    write_outputs(*everything, *stale)
+    lock = {"schema": "2.0", "stages": {
+        "shared": lock_entry("data"),
+        "train@a-1": lock_entry("models/a/seed1", "metrics/eval/a-seed1.json"),
+        "train@a-2": lock_entry("models/a/seed2", "metrics/eval/a-seed2.json"),
+        "train@b-1": lock_entry("models/b/seed1", "metrics/eval/b-seed1.json"),
+        # A renamed stage whose output a current stage now writes: the entry goes, the output stays.
+        "old_shared": lock_entry("data", "gone/never-written.txt"),
+    }}
+    (project / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+
+    assert prune_removed_stages("dvc.lock") == ["train@a-2", "train@b-1", "old_shared"]
+    after = yaml.safe_load((project / "dvc.lock").read_text())
+    assert after == {"schema": "2.0", "stages": {"shared": lock["stages"]["shared"], "train@a-1": lock["stages"]["train@a-1"]}}
+    assert all(Path(path).exists() for path in everything)
+    assert not any(Path(path).exists() for path in stale)
+    assert not Path("models/b/seed1").exists() and Path("models/b").is_dir()  # the stage's own output, not its parent
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 3 and printed[0].startswith("removed stage train@a-2: no longer in dvc.yaml")
+
+    before = (project / "dvc.lock").read_text()
+    assert prune_removed_stages("dvc.lock") == []  # nothing left to remove: the lock is not rewritten
+    assert (project / "dvc.lock").read_text() == before
+
+
+def test_no_lock_yet_is_nothing_to_prune(project: Path):
+    assert prune_removed_stages("dvc.lock") == []
+    assert not (project / "dvc.lock").exists()
