@@ -4,14 +4,17 @@ Every stage (build_data, pretrain, train_teacher, init_student, distill, evaluat
 own `python stages/<x>.py` process started by `dvc repro` / `dvc exp run`, and each one wraps its
 work in `with StageRun(stage, params) as run:`. Runs are grouped per pipeline execution:
 
-    pipeline <execution id>          parent run, tags pipeline.parent=true, pipeline.execution_id
+    dvc repro 1a2b3c4 2026-12-01 21:05   parent run (or the experiment's name for `dvc exp run`), tags
+                                         pipeline.parent=true, pipeline.execution_id
     ├── build_data                   child runs, tag mlflow.parentRunId=<parent> (the UI nests them)
     ├── distill
     └── ...
 
 The stage processes share nothing but the store, so the parent is found by searching the
-experiment for the execution id: the first stage of an execution creates it (and terminates it at
-once; it only exists to group), later stages find it. The execution id is the pid + start time of
+experiment for the execution id: the first stage of an execution creates it, later stages find it,
+and every stage moves its end time to its own end, so that it spans its children in the UI.
+The experiment is tagged as a model-training one (`mlflow.experimentKind`): MLflow 3's UI would
+otherwise open it on its GenAI overview (traces, tokens), not on the runs table. The execution id is the pid + start time of
 the nearest ancestor `dvc` process, so every stage of one `dvc repro` agrees on it and two
 executions never do; outside DVC, stages can be grouped by exporting MINILLM_PIPELINE_ID
 (see `pipeline_execution_id`).
@@ -130,6 +133,7 @@ class StageRun:
         self.uri = tracking_uri()
         self.run_id: str | None = None
         self._client: MlflowClient | None = None
+        self._parent_id: str | None = None
         self._pending_metrics: list[Metric] = []
 
     def __enter__(self) -> "StageRun":
@@ -164,6 +168,8 @@ class StageRun:
         if self._client is not None:
             try:
                 self._client.set_terminated(self.run_id, status)
+                # The parent ends with its latest child, in that child's state (a failed stage stops `dvc repro`).
+                self._client.set_terminated(self._parent_id, status)
             except Exception as error:
                 self._disable(error)
         return False
@@ -222,19 +228,19 @@ class StageRun:
         execution_id = pipeline_execution_id()
         commit = _git("rev-parse", "HEAD") or "unknown"
         exp_name = os.environ.get("DVC_EXP_NAME")
-        parent_id = _parent_run_id(client, experiment_id, execution_id, commit, exp_name)
+        process = {"process.pid": str(os.getpid()), "process.host": host}
+        own_stat = _read_stat(os.getpid())
+        if own_stat is not None:
+            process["process.start_ticks"] = str(own_stat[1])
+        parent_id = _parent_run_id(client, experiment_id, execution_id, commit, exp_name, process)
 
         tags = {
             "dvc.stage": self.stage,
             "git.commit": commit,
             "mlflow.parentRunId": parent_id,
             "pipeline.execution_id": execution_id,
-            "process.pid": str(os.getpid()),
-            "process.host": host,
+            **process,
         }
-        own_stat = _read_stat(os.getpid())
-        if own_stat is not None:
-            tags["process.start_ticks"] = str(own_stat[1])
         if exp_name:
             tags["dvc.exp_name"] = exp_name
         tags.update(self.extra_tags)
@@ -244,6 +250,7 @@ class StageRun:
         for first in range(0, len(params), PARAMS_PER_BATCH):
             client.log_batch(run.info.run_id, params=params[first : first + PARAMS_PER_BATCH])
         self._client = client
+        self._parent_id = parent_id
         self.run_id = run.info.run_id
 
     def _flush_metrics(self) -> None:
@@ -267,14 +274,21 @@ class StageRun:
         self.run_id = None
 
 
+# MLflow 3's UI opens an experiment by this tag: on the runs table for model training, on traces for GenAI.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except MlflowException:  # a stage of a parallel queued experiment created it meanwhile
-        return client.get_experiment_by_name(name).experiment_id
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
+        except MlflowException:  # a stage of a parallel queued experiment created it meanwhile
+            experiment = client.get_experiment_by_name(name)
+    if not EXPERIMENT_KIND.items() <= experiment.tags.items():  # a store from before the tag
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def _open_client(uri: str) -> MlflowClient:
@@ -310,6 +324,7 @@ def _parent_run_id(
     execution_id: str,
     commit: str,
     exp_name: str | None,
+    process: dict[str, str],
 ) -> str:
     found = client.search_runs(
         [experiment_id],
@@ -320,13 +335,14 @@ def _parent_run_id(
     )
     if found:
         return found[0].info.run_id
-    tags = {"pipeline.execution_id": execution_id, "pipeline.parent": "true", "git.commit": commit}
+    # The creating stage's process tags: if it is killed before it ends the parent, the next stage's
+    # _mark_dead_runs_killed marks the parent KILLED instead of leaving it RUNNING.
+    tags = {"pipeline.execution_id": execution_id, "pipeline.parent": "true", "git.commit": commit, **process}
     if exp_name:
         tags["dvc.exp_name"] = exp_name
-    parent = client.create_run(
-        experiment_id, tags=tags, run_name=f"pipeline {exp_name or execution_id}"
-    )
-    client.set_terminated(parent.info.run_id, "FINISHED")
+    # A name a person recognises: the DVC experiment, or `dvc repro` at a commit, and when it started.
+    started = time.strftime("%Y-%m-%d %H:%M")
+    parent = client.create_run(experiment_id, tags=tags, run_name=f"{exp_name or 'dvc repro'} {commit[:7]} {started}")
     return parent.info.run_id
 
 

@@ -1,4 +1,5 @@
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -156,6 +157,12 @@ def test_stages_of_one_execution_nest_under_one_parent(
     assert parent_a.info.status == "FINISHED"
     assert parent_a.data.tags["git.commit"] == commit
     assert parent_a.data.tags["dvc.exp_name"] == "brisk-lamb"
+    # Named so that a person recognises it, and spanning its children in the UI.
+    assert re.fullmatch(rf"brisk-lamb {commit[:7]} \d{{4}}-\d\d-\d\d \d\d:\d\d", parent_a.info.run_name)
+    assert parent_a.info.start_time <= runs[pre.run_id].info.start_time
+    assert parent_a.info.end_time >= runs[dist.run_id].info.end_time > runs[pre.run_id].info.end_time
+    # MLflow 3's UI opens an experiment of this kind on its runs table, not on the GenAI overview.
+    assert client.get_experiment_by_name(experiment).tags["mlflow.experimentKind"] == "custom_model_development"
 
     pre_run, dist_run, other_run = runs[pre.run_id], runs[dist.run_id], runs[other.run_id]
     assert pre_run.data.tags["mlflow.parentRunId"] == parent_a.info.run_id
@@ -242,6 +249,24 @@ def test_runs_of_dead_processes_are_marked_killed(client: MlflowClient) -> None:
     assert client.get_run(pid_reused).info.status == "KILLED"
     assert client.get_run(alive).info.status == "RUNNING"
     assert client.get_run(other_host).info.status == "RUNNING"
+
+
+def test_a_parent_whose_first_stage_was_killed_is_marked_killed(client: MlflowClient, tmp_path: Path) -> None:
+    """kill -9 of the first stage of a `dvc repro` leaves its run and the parent RUNNING: the next execution's
+    first stage marks both KILLED, so that no run is left RUNNING after a rerun."""
+    killed_stage = "import os\nfrom pipeline.tracking import StageRun\nwith StageRun('build_data', {}, experiment='killed'):\n    os.kill(os.getpid(), 9)\n"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MINILLM_PIPELINE_ID": "killed-run"}
+    assert subprocess.run([sys.executable, "-c", killed_stage], env=env, cwd=tmp_path).returncode == -9
+    experiment_id = client.get_experiment_by_name("killed").experiment_id
+    assert {r.info.status for r in client.search_runs([experiment_id])} == {"RUNNING"}
+    with StageRun("build_data", {}, experiment="killed"):
+        pass
+    statuses = {r.info.run_id: r.info.status for r in client.search_runs([experiment_id])
+                if r.data.tags.get("pipeline.execution_id") == "killed-run"}
+    assert list(statuses.values()) == ["KILLED", "KILLED"]
+    [parent] = [r for r in client.search_runs([experiment_id]) if r.data.tags.get("pipeline.parent") == "true"
+                and r.data.tags["pipeline.execution_id"] == "killed-run"]
+    assert parent.info.run_name.startswith("dvc repro unknown ")  # outside git, no DVC experiment
 
 
 def test_artifacts_are_stored_beside_the_sqlite_store(
