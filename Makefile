@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: repro test test-fast test-paper
+.PHONY: repro test test-fast test-paper bench-venv
 
 $(INSTALLED): requirements.txt requirements-dev.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -26,3 +26,15 @@ test-paper: $(INSTALLED)
 
 test-fast: $(INSTALLED)
 	$(PYTHON) -m pytest -m "not slow and not paper"
+
+# The benchmark extra (benchmarks/bench_trl.py): TRL in a venv of its own inside the repo (git-ignored), so that
+# .venv stays exactly as requirements.txt pins it.
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed: requirements-bench.txt requirements.txt
+	test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q pip==25.3
+	$(BENCH_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(BENCH_VENV)/bin/python -m pip install -q -r requirements-bench.txt
+	touch $@
+
+bench-venv: $(BENCH_VENV)/.installed

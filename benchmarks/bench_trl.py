@@ -14,7 +14,7 @@ Peak memory: the subprocess's peak RSS (VmHWM) and its rise above the RSS after 
 Target (issue 5): ours >= 2x TRL's throughput at <= its peak memory.
 
 Needs the benchmark extra (trl); see benchmarks/README.md:
-    /work/benchvenv/bin/python -m benchmarks.bench_trl
+    make bench-venv && .venv-bench/bin/python -m benchmarks.bench_trl
 """
 
 import argparse

@@ -3,8 +3,8 @@
     python -m pipeline.replay_mlflow [--experiment minillm-distillation]
 
 Run it from the repository root. The DVC files are the source of truth: a stage whose store was unreachable
-warned once and carried on (pipeline/tracking.py), and its metrics are in the `metrics:` and `plots:` outputs
-that dvc.yaml declares for it. The stages and their files are read from DVC itself (foreach/matrix resolved),
+warned once and carried on (pipeline/tracking.py), and its metrics are in the uncached JSON outputs (metrics
+files) and `plots:` outputs that dvc.yaml declares for it. The stages and their files are read from DVC itself (foreach/matrix resolved),
 the params each stage ran with from dvc.lock. The store is the stages' own (MLFLOW_TRACKING_URI, else
 mlflow.db at the repository root).
 
@@ -62,7 +62,9 @@ def dvc_stages_with_metrics(root: Path) -> list[dict]:
         files = []
         for out in stage.outs:
             path = Path(out.fs_path)
-            if out.metric and path.is_file():
+            # The stages' own metrics files are uncached JSON outs; only the report's headline is a declared
+            # DVC metric (so that `dvc exp show` stays readable).
+            if (out.metric or (not out.use_cache and path.suffix == ".json")) and path.is_file():
                 files.append(path)
             elif out.plot and path.is_dir():
                 files += sorted(path.rglob("*.csv"))

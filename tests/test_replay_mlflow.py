@@ -20,8 +20,7 @@ stages:
         - models.${item}
       outs:
         - models/${item}
-      metrics:
-        - metrics/train/${item}.json: {cache: false}
+        - metrics/train/${item}.json: {cache: false}    # a metrics file as the pipeline declares it: an uncached out
       plots:
         - plots/train/${item}: {cache: false}
   evaluate:
