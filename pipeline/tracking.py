@@ -13,11 +13,13 @@ work in `with StageRun(stage, params) as run:`. Runs are grouped per pipeline ex
 The stage processes share nothing but the store, so the parent is found by searching the
 experiment for the execution id: the first stage of an execution creates it, later stages find it,
 and every stage moves its end time to its own end, so that it spans its children in the UI.
-The experiment is tagged as a model-training one (`mlflow.experimentKind`): MLflow 3's UI would
-otherwise open it on its GenAI overview (traces, tokens), not on the runs table. The execution id is the pid + start time of
-the nearest ancestor `dvc` process, so every stage of one `dvc repro` agrees on it and two
-executions never do; outside DVC, stages can be grouped by exporting MINILLM_PIPELINE_ID
-(see `pipeline_execution_id`).
+The experiment is tagged as a model-training one (`mlflow.experimentKind`). MLflow 3.17's UI still
+opens every experiment on its GenAI overview (traces, tokens) unless the address asks for the runs
+table: `ui_address` gives it (`?workflowType=machine_learning`), and the report stage prints it.
+
+The execution id is the pid + start time of the nearest ancestor `dvc` process, so every stage
+of one `dvc repro` agrees on it and two executions never do; outside DVC, stages can be grouped
+by exporting MINILLM_PIPELINE_ID (see `pipeline_execution_id`).
 
 The store is `sqlite:///<repo root>/mlflow.db` (artifacts in `<repo root>/mlartifacts/`) unless
 MLFLOW_TRACKING_URI says otherwise. DVC sets DVC_ROOT for stage commands, and for queued or
@@ -132,6 +134,7 @@ class StageRun:
         self.enabled = enabled
         self.uri = tracking_uri()
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self._client: MlflowClient | None = None
         self._parent_id: str | None = None
         self._pending_metrics: list[Metric] = []
@@ -250,6 +253,7 @@ class StageRun:
         for first in range(0, len(params), PARAMS_PER_BATCH):
             client.log_batch(run.info.run_id, params=params[first : first + PARAMS_PER_BATCH])
         self._client = client
+        self.experiment_id = experiment_id
         self._parent_id = parent_id
         self.run_id = run.info.run_id
 
@@ -276,6 +280,12 @@ class StageRun:
 
 # MLflow 3's UI opens an experiment by this tag: on the runs table for model training, on traces for GenAI.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def ui_address(experiment_id: str, port: int = 5000) -> str:
+    """The experiment's runs table in a local `mlflow ui`. MLflow 3.17 decides between its GenAI and model-training
+    pages by a switch kept in the browser (default GenAI), not by the experiment's kind tag; this parameter sets it."""
+    return f"http://127.0.0.1:{port}/#/experiments/{experiment_id}?workflowType=machine_learning"
 
 
 def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:

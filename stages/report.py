@@ -27,7 +27,7 @@ from pipeline.config import exit_on_user_error, load_params
 from pipeline.dvc_stages import current_outputs
 from pipeline.io import atomic_directory, atomic_write_json, atomic_write_text
 from pipeline.synthetic import EVAL_SETS
-from pipeline.tracking import StageRun
+from pipeline.tracking import StageRun, ui_address
 
 METHOD_ORDER = ["teacher", "sft", "kd", "seqkd", "minillm"]
 METHOD_NAMES = {"teacher": "Teacher", "sft": "SFT w/o KD", "kd": "KD", "seqkd": "SeqKD", "minillm": "MiniLLM"}
@@ -457,6 +457,8 @@ def main() -> None:
         for artifact in REPORT_FILES:
             run.log_artifact(f"reports/{artifact}")
         print(markdown)
+        if run.experiment_id is not None:
+            print(f"MLflow: `mlflow ui --backend-store-uri {run.uri}`, then open {ui_address(run.experiment_id)}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ and a typo in params.yaml stops `dvc repro` with one line.
 
 import json
 import os
+import shlex
 import shutil
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -154,22 +157,24 @@ def test_two_queued_experiments_run_at_once_and_share_the_mlflow_store(pipeline)
     logs = {name: run(["dvc", "queue", "logs", name], workdir, env, check=False).stdout for name in experiments}
     assert states == {name: "Success" for name in experiments}, logs
 
-    # `dvc exp show` lists both, each with Rouge-L of every evaluation and set, and the two differ.
+    # `dvc exp show` lists both with the headline (reports/summary.json: every model's Rouge-L per set and average),
+    # the only declared metric, and the two differ.
     shown = json.loads(run(["dvc", "exp", "show", "--json"], workdir, env).stdout)
     rouge = {}
     for baseline in shown:
         for branch in baseline.get("experiments") or []:
             for revision in branch["revs"]:
                 if revision.get("name") in experiments:
-                    rouge[revision["name"]] = {
-                        (path, set_name): values["rouge_l"]
-                        for path, metrics in revision["data"]["metrics"].items() if path.startswith("metrics/eval/")
-                        for set_name, values in metrics["data"]["sets"].items()
-                    }
+                    assert set(revision["data"]["metrics"]) == {"reports/summary.json"}
+                    rouge[revision["name"]] = revision["data"]["metrics"]["reports/summary.json"]["data"]
     first, second = (rouge.get(name, {}) for name in experiments)
-    assert first and first.keys() == second.keys() and first != second, rouge
+    assert first.keys() == {"teacher"} | {f"{m}@{s}" for m in METHODS - {"teacher"} for s in STUDENTS}, rouge
+    assert first.keys() == second.keys() and first != second, rouge
     diff = json.loads(run(["dvc", "metrics", "diff", *experiments, "--json"], workdir, env).stdout)
-    assert any(key.endswith(".rouge_l") for changes in diff.values() for key in changes), diff
+    assert any(key.endswith(".avg") for changes in diff.values() for key in changes), diff
+    # The README's command for a terminal: the changed param and each model's average, nothing per set.
+    table = run(readme_command("dvc exp show --only-changed"), workdir, env | {"COLUMNS": "200"}).stdout
+    assert "evaluate.seeds" in table and "minillm@tiny.avg" in table and "minillm@tiny.sni" not in table, table
 
     expected_stages = {"check_params", "report"} | EVALUATIONS
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
@@ -187,6 +192,70 @@ def test_two_queued_experiments_run_at_once_and_share_the_mlflow_store(pipeline)
             if stage_run.data.tags["dvc.stage"].startswith("evaluate"):
                 nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == stage_run.info.run_id]
                 assert stage_run.data.metrics or (nested and all(r.data.metrics for r in nested)), stage_run.data.tags
+
+
+def test_removed_students_and_seeds_leave_nothing_stale_and_a_killed_repro_resumes(pipeline):
+    """Issue 15. Drop student tiny2 and replace training seed 1234 by 7, with DVC's cache emptied so that nothing can
+    be restored from its run-cache. kill -9 the whole `dvc repro` inside MiniLLM's training; the rerun completes, and
+    what it resumed equals an uninterrupted recomputation (`dvc repro --force --downstream` of the killed stage).
+    The report then holds only the current stages' results, and dvc.lock only their entries."""
+    from mlflow import MlflowClient
+
+    workdir, env, _ = pipeline
+    run(["git", "checkout", "params.yaml"], workdir, env)
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["models"]["students"] = {"tiny": params["models"]["students"]["tiny"]}
+    params["train_seeds"] = [7]
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.rmtree(workdir / ".dvc" / "cache", ignore_errors=True)
+
+    killed_stage = "distill_minillm@tiny-7"
+    repro = subprocess.Popen(["dvc", "repro"], cwd=workdir, env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker, deadline = workdir / "scratch" / killed_stage / "step_000002", time.monotonic() + 900
+    while not marker.exists():
+        assert repro.poll() is None and time.monotonic() < deadline, f"dvc repro ended or stalled before {marker}"
+        time.sleep(0.01)
+    os.killpg(repro.pid, signal.SIGKILL)
+    repro.wait()
+
+    rerun = run(["dvc", "repro"], workdir, env, timeout=900)
+    assert f"Running stage '{killed_stage}'" in rerun.stdout and "resuming from step" in rerun.stdout + rerun.stderr
+    current = {"check_params", "build_data", "pretrain_teacher", "train_teacher", "teacher_generate", "report",
+               "evaluate_teacher", "pretrain_student@tiny"} | {
+        f"{stage}@tiny-7" for stage in ("init_student", "distill_kd", "distill_seqkd", "distill_minillm")} | {
+        f"evaluate@{method}-tiny-7" for method in METHODS - {"teacher"}}
+    lock = yaml.safe_load((workdir / "dvc.lock").read_text())["stages"]
+    assert set(lock) == current
+    results = pd.read_csv(workdir / "reports" / "results.csv")
+    students = results[results["method"] != "teacher"]
+    assert set(zip(students["student"], students["train_seed"])) == {("tiny", 7)}
+    assert "training seeds 7\n" in (workdir / "reports" / "table1.md").read_text()
+    assert sorted(p.name for p in (workdir / "metrics" / "eval").iterdir()) == sorted(
+        ["teacher.json"] + [f"{m}-tiny-seed7.json" for m in METHODS - {"teacher"}])
+    assert not (workdir / "models" / "tiny2").exists() and not (workdir / "models" / "tiny" / "seed1234").exists()
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    experiment_id = client.get_experiment_by_name("minillm-distillation").experiment_id
+    assert client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'") == []
+
+    def cached_outputs(lock: dict) -> dict:  # the models and predictions; the metrics files also hold wall times
+        return {out["path"]: out["md5"] for name in (killed_stage, "evaluate@minillm-tiny-7")
+                for out in lock[name]["outs"] if out["path"].startswith(("models/", "eval/"))}
+
+    resumed = cached_outputs(lock)
+    assert set(resumed) == {"models/tiny/seed7/minillm", "eval/minillm-tiny-seed7"}
+    resumed_table = (workdir / "reports" / "table1.md").read_text()
+    run(["dvc", "repro", "--force", "--downstream", killed_stage], workdir, env, timeout=900)
+    lock = yaml.safe_load((workdir / "dvc.lock").read_text())["stages"]
+    assert cached_outputs(lock) == resumed
+    assert (workdir / "reports" / "table1.md").read_text() == resumed_table
+    run(["git", "checkout", "params.yaml"], workdir, env)
+
+
+def readme_command(prefix: str) -> list[str]:
+    """The README's command line that starts with `prefix`, without its comment, split as a shell would."""
+    line = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith(prefix))
+    return shlex.split(line, comments=True)
 
 
 def test_typo_in_params_stops_repro_with_one_line(pipeline):

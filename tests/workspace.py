@@ -19,8 +19,8 @@ def copy_sources(workdir: Path, skipped: tuple[str, ...] = RUN_OUTPUTS) -> None:
             shutil.copy2(REPO / name, workdir / name)
 
 
-def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    completed = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+def run(cmd: list[str], cwd: Path, env: dict, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
+    completed = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and completed.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
     return completed
