@@ -24,7 +24,11 @@ def current_stages() -> dict[str, list[str]]:
     from dvc.repo import Repo
 
     with Repo(".") as repo:
-        return {stage.addressing: [out.def_path for out in stage.outs] for stage in repo.index.stages}
+        return _stages(repo)
+
+
+def _stages(repo) -> dict[str, list[str]]:
+    return {stage.addressing: [out.def_path for out in stage.outs] for stage in repo.index.stages}
 
 
 def current_outputs(under: str) -> list[Path]:
@@ -42,28 +46,40 @@ def prune_removed_stages(lock_path: str | Path = "dvc.lock") -> list[str]:
     """Delete the outputs, and drop the dvc.lock entries, of every stage the lock records but dvc.yaml no longer
     defines. An output that is also (inside, or a parent of) a current stage's output is kept. Returns the names of
     the removed stages; prints one line for each."""
+    from dvc.repo import Repo
+
     lock_path = Path(lock_path)
     if not lock_path.is_file():
         return []
     lock = yaml.safe_load(lock_path.read_text()) or {}
     recorded = lock.get("stages") or {}
-    stages = current_stages()
-    removed = [name for name in recorded if name not in stages]
-    if not removed:
-        return []
-    kept_outputs = {PurePosixPath(path) for outs in stages.values() for path in outs}
-    for name in removed:
-        deleted = []
-        for out in recorded[name].get("outs") or []:
-            path = PurePosixPath(out["path"])
-            if _overlaps(path, kept_outputs) or not Path(path).exists():
-                continue
-            if Path(path).is_dir():
-                shutil.rmtree(path)
-            else:
-                Path(path).unlink()
-            deleted.append(str(path))
-        del recorded[name]
-        print(f"removed stage {name}: no longer in dvc.yaml; deleted {', '.join(deleted) or 'nothing'} and its dvc.lock entry")
-    atomic_write_text(lock_path, yaml.safe_dump(lock, sort_keys=False, allow_unicode=True))
+    with Repo(".") as repo:
+        stages = _stages(repo)
+        removed = [name for name in recorded if name not in stages]
+        kept_outputs = {PurePosixPath(path) for outs in stages.values() for path in outs}
+        for name in removed:
+            deleted = []
+            for out in recorded[name].get("outs") or []:
+                path = PurePosixPath(out["path"])
+                if _overlaps(path, kept_outputs):
+                    continue
+                # DVC lists a cached output in the .gitignore beside it: that line goes too (a no-op outside git).
+                repo.scm_context.ignore_remove(str(Path(path).resolve()))
+                if Path(path).exists():
+                    shutil.rmtree(path) if Path(path).is_dir() else Path(path).unlink()
+                    deleted.append(str(path))
+                _remove_empty_parents(Path(path))
+            del recorded[name]
+            print(f"removed stage {name}: no longer in dvc.yaml; deleted {', '.join(deleted) or 'nothing'} "
+                  "and its dvc.lock entry")
+    if removed:
+        atomic_write_text(lock_path, yaml.safe_dump(lock, sort_keys=False, allow_unicode=True))
     return removed
+
+
+def _remove_empty_parents(path: Path) -> None:
+    """models/<student>/seed<k>/ goes with the last output in it; the repository root and non-empty folders stay."""
+    for parent in path.parents[:-1]:  # the last parent is "."
+        if not parent.is_dir() or any(parent.iterdir()):
+            return
+        parent.rmdir()

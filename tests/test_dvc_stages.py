@@ -1,6 +1,7 @@
 """pipeline/dvc_stages.py on a small DVC project in a temporary directory: the current stages as DVC expands the
 matrix over params, and the removal of a removed stage's outputs and dvc.lock entry (issue 15: stale results)."""
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,8 @@ def lock_entry(*paths: str) -> dict:
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
-    Repo.init(no_scm=True).close()
+    subprocess.run(["git", "init", "-q"], check=True)
+    Repo.init().close()
     (tmp_path / "dvc.yaml").write_text(PIPELINE)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"students": ["a"], "train_seeds": [1]}))
     return tmp_path
@@ -54,6 +56,9 @@ def test_a_removed_stage_loses_its_outputs_and_lock_entry(project: Path, capsys:
     everything = ["data/x", "models/a/seed1/w", "metrics/eval/a-seed1.json"]
     stale = ["models/a/seed2/w", "metrics/eval/a-seed2.json", "models/b/seed1/w", "metrics/eval/b-seed1.json"]
     write_outputs(*everything, *stale)
+    # DVC's own .gitignore lines for the cached outputs, as `dvc repro` writes them.
+    Path("models/a/.gitignore").write_text("/seed1\n/seed2\n")
+    Path("models/b/.gitignore").write_text("/seed1\n")
     lock = {"schema": "2.0", "stages": {
         "shared": lock_entry("data"),
         "train@a-1": lock_entry("models/a/seed1", "metrics/eval/a-seed1.json"),
@@ -69,7 +74,9 @@ def test_a_removed_stage_loses_its_outputs_and_lock_entry(project: Path, capsys:
     assert after == {"schema": "2.0", "stages": {"shared": lock["stages"]["shared"], "train@a-1": lock["stages"]["train@a-1"]}}
     assert all(Path(path).exists() for path in everything)
     assert not any(Path(path).exists() for path in stale)
-    assert not Path("models/b/seed1").exists() and Path("models/b").is_dir()  # the stage's own output, not its parent
+    assert not Path("models/b").exists(), "a folder emptied by the removal goes too"
+    assert Path("models/a").is_dir() and Path("metrics/eval").is_dir()
+    assert Path("models/a/.gitignore").read_text() == "/seed1\n"
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 3 and printed[0].startswith("removed stage train@a-2: no longer in dvc.yaml")
 
