@@ -8,9 +8,9 @@ and its gap to the teacher; cells mean ± std over every (training seed, samplin
 size bold. reports/measurements.md (long format measurements.csv): ECE, distinct-4, response length, Rouge-L by
 gold-response length, ExAccErr, and cost per method from the training stages' metrics files. reports/paper.md: the
 paper's published Table 1 next to ours where the paper-scale config ran. Plots: Rouge-L bars, MiniLLM training
-curves, Rouge-L by length bucket, Rouge-L against training FLOPs, ExAccErr against l. reports/summary.json, the one
-declared DVC metric: per model the mean Rouge-L of each set and their average. plots/compare/: each method's
-validation curve, for `dvc plots show`. The inputs are exactly the outputs of the stages dvc.yaml defines now.
+curves, Rouge-L by length bucket, Rouge-L against training FLOPs, ExAccErr against l. reports/summary.json and summary_sets.json, the
+declared DVC metrics: per model the average Rouge-L over the sets, and the mean on each set. reports/validation_rouge_l.png:
+every method's validation curve, also shown by `dvc plots show`. The inputs are exactly the outputs of the stages dvc.yaml defines now.
 """
 
 import json
@@ -25,7 +25,7 @@ import pandas as pd  # noqa: E402
 from pipeline import eval_metrics
 from pipeline.config import exit_on_user_error, load_params
 from pipeline.dvc_stages import current_outputs
-from pipeline.io import atomic_directory, atomic_write_json, atomic_write_text
+from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.synthetic import EVAL_SETS
 from pipeline.tracking import StageRun, ui_address
 
@@ -47,8 +47,9 @@ PAPER_TABLE1 = {
 PAPER_MODEL_SIZES = {"gpt2-xl": "1.5B", "gpt2": "120M", "gpt2-medium": "340M", "gpt2-large": "760M"}
 
 
-REPORT_FILES = ("summary.json", "table1.md", "table1.csv", "results.csv", "paper.md", "measurements.md", "measurements.csv", "rouge_l.png",
-                "minillm_training.png", "rouge_l_by_length.png", "rouge_l_vs_cost.png", "exposure_bias.png")
+REPORT_FILES = ("summary.json", "summary_sets.json", "table1.md", "table1.csv", "results.csv", "paper.md", "measurements.md", "measurements.csv", "rouge_l.png",
+                "minillm_training.png", "rouge_l_by_length.png", "rouge_l_vs_cost.png", "exposure_bias.png",
+                "validation_rouge_l.png")
 
 
 def long_results(metrics_files: list[Path]) -> pd.DataFrame:
@@ -109,15 +110,17 @@ def table1_markdown(numbers: pd.DataFrame) -> str:
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)  # keep "-8.00", not -8
 
 
-def headline(numbers: pd.DataFrame) -> dict:
-    """The declared DVC metric (reports/summary.json), what `dvc exp show` and `dvc metrics diff` compare: per model
-    ("teacher", or "<method>@<student>") the Table 1 mean Rouge-L of each set and their average."""
-    summary = {}
+def headline(numbers: pd.DataFrame) -> tuple[dict, dict]:
+    """The declared DVC metrics, what `dvc exp show` and `dvc metrics diff` compare, keyed by model ("teacher", or
+    "<method>@<student>"): reports/summary.json its average Rouge-L over the sets (Table 1's Avg.), flat so that
+    `dvc exp show` columns stay narrow; reports/summary_sets.json its mean Rouge-L on each set."""
+    averages, per_set = {}, {}
     for _, row in numbers.iterrows():
         model = "teacher" if row["method"] == "teacher" else f"{row['method']}@{row['student']}"
-        sets = {column.removesuffix("_mean"): round(row[column], 2) for column in numbers.columns if column.endswith("_mean")}
-        summary[model] = {"avg": round(row["average"], 2), **sets}
-    return summary
+        averages[model] = round(row["average"], 2)
+        per_set[model] = {column.removesuffix("_mean"): round(row[column], 2)
+                          for column in numbers.columns if column.endswith("_mean")}
+    return averages, per_set
 
 
 def validation_curves(curve_files: list[Path]) -> dict[str, pd.DataFrame]:
@@ -408,6 +411,19 @@ def plot_exposure_bias(exposure: pd.DataFrame, path: str) -> None:
     save_figure(figure, path)
 
 
+def plot_validation_curves(curves: dict[str, pd.DataFrame], path: str) -> None:
+    """Every method's validation Rouge-L against its own optimiser step, a line per method and student."""
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    for model, curve in sorted(curves.items(), key=lambda kv: (METHOD_ORDER.index(kv[0].split("@")[0]), kv[0])):
+        method, student = model.split("@", 1)
+        axis.plot(curve["step"], curve["valid_rouge_l"], marker="o", markersize=3, label=f"{METHOD_NAMES[method]} ({student})")
+    axis.set_xlabel("optimiser step of the method")
+    axis.set_ylabel("validation Rouge-L")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
 def save_figure(figure, path: str) -> None:
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
     figure.savefig(tmp, dpi=110)
@@ -435,11 +451,10 @@ def main() -> None:
             + table1_markdown(numbers) + "\n"
         )
         atomic_write_text("reports/table1.md", markdown)
-        atomic_write_json("reports/summary.json", headline(numbers))
-        curve_files = current_outputs("plots/init_student") + current_outputs("plots/distill")
-        with atomic_directory("plots/compare") as compare_dir:
-            for model, curve in validation_curves(curve_files).items():
-                curve.to_csv(compare_dir / f"{model}.csv", index=False)
+        averages, per_set = headline(numbers)
+        atomic_write_json("reports/summary.json", averages)
+        atomic_write_json("reports/summary_sets.json", per_set)
+        curves = validation_curves(current_outputs("plots/init_student") + current_outputs("plots/distill"))
         atomic_write_text("reports/paper.md", paper_comparison(params, numbers))
 
         measurements = set_measurements(metrics_files)
@@ -454,6 +469,7 @@ def main() -> None:
         plot_rouge_by_length(by_length, "reports/rouge_l_by_length.png")
         plot_rouge_vs_cost(cost, "reports/rouge_l_vs_cost.png")
         plot_exposure_bias(exposure, "reports/exposure_bias.png")
+        plot_validation_curves(curves, "reports/validation_rouge_l.png")
         for artifact in REPORT_FILES:
             run.log_artifact(f"reports/{artifact}")
         print(markdown)

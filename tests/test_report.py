@@ -179,17 +179,34 @@ def test_report_stage_writes_every_file(metrics_root: Path, monkeypatch: pytest.
     monkeypatch.setenv("MINILLM_PIPELINE_ID", "report-test")
     report.main()
     assert set(pd.read_csv(workdir / "reports" / "results.csv")["train_seed"]) == {1, 2, 1234}
-    summary = json.loads((workdir / "reports" / "summary.json").read_text())
-    assert summary["minillm@S"] == {"avg": 34.0, "dollyeval": 28.0, "sni": 40.0}  # (25+27+29+31)/4, (38+40+40+42)/4
-    assert summary.keys() == {"teacher", "sft@S", "minillm@S"}
+    averages = json.loads((workdir / "reports" / "summary.json").read_text())
+    per_set = json.loads((workdir / "reports" / "summary_sets.json").read_text())
+    assert averages == {"teacher": 41.0, "sft@S": 33.0, "minillm@S": 34.0}  # minillm: (28 + 40) / 2
+    assert per_set["minillm@S"] == {"dollyeval": 28.0, "sni": 40.0}  # (25+27+29+31)/4, (38+40+40+42)/4
     valid = pd.read_csv(workdir / "plots" / "distill" / "minillm" / "S-seed1" / "valid.csv")
-    compare = pd.read_csv(workdir / "plots" / "compare" / "minillm@S.csv")
-    assert compare.to_dict("list") == valid[["step", "valid_rouge_l"]].to_dict("list")  # one training seed: its curve
+    [(model, curve)] = report.validation_curves(report.current_outputs("plots/distill")).items()
+    assert model == "minillm@S"  # one training seed: its own curve
+    assert curve.to_dict("list") == valid[["step", "valid_rouge_l"]].to_dict("list")
     for name in report.REPORT_FILES:
         assert (workdir / "reports" / name).stat().st_size > 0, name
     assert "**28.00 ± 2.58**" in (workdir / "reports" / "table1.md").read_text()
     measurements = (workdir / "reports" / "measurements.md").read_text()
     assert re.search(r"\| MiniLLM \(S\) +\| +-1\.5 \|", measurements)  # ExAccErr at the longest l, 2
+
+
+def test_validation_curves_average_training_seeds_by_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)  # the report runs at the repository root, on paths relative to it
+    for seed, rouge in ((1, [10.0, 20.0]), (2, [14.0, 30.0])):
+        curve = tmp_path / "plots" / "distill" / "kd" / f"S-seed{seed}" / "valid.csv"
+        curve.parent.mkdir(parents=True)
+        curve.write_text(f"step,valid_loss,valid_rouge_l\n100,1.0,{rouge[0]}\n200,0.9,{rouge[1]}\n")
+    sft = tmp_path / "plots" / "init_student" / "S-seed1" / "valid.csv"
+    sft.parent.mkdir(parents=True)
+    sft.write_text("step,valid_loss,valid_rouge_l\n50,2.0,5.0\n")
+    files = [p.relative_to(tmp_path) for p in sorted(tmp_path.rglob("*.csv"))]
+    curves = {model: curve.to_dict("list") for model, curve in report.validation_curves(files).items()}
+    assert curves == {"kd@S": {"step": [100, 200], "valid_rouge_l": [12.0, 25.0]},
+                      "sft@S": {"step": [50], "valid_rouge_l": [5.0]}}
 
 
 def readme_snippet() -> str:
