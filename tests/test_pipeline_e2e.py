@@ -179,6 +179,11 @@ def test_two_queued_experiments_run_at_once_and_share_the_mlflow_store(pipeline)
     assert header[0] == "Experiment" and header[-1] == "evaluate.seeds", table
     assert changed and changed <= set(header[1:-1]) <= set(first), table  # averages only, no per-set columns
 
+    # Every declared plot renders for the workspace and for both experiments, without a warning.
+    for command in (["dvc", "plots", "show"], ["dvc", "plots", "diff", *experiments]):
+        shown = run(command, workdir, env)
+        assert "WARNING" not in shown.stdout + shown.stderr and "failed" not in shown.stdout + shown.stderr, shown
+
     expected_stages = {"check_params", "report"} | EVALUATIONS
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     experiment_id = client.get_experiment_by_name("minillm-distillation").experiment_id
