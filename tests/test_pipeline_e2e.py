@@ -57,6 +57,8 @@ def pipeline(tmp_path_factory):
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], workdir, env)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "snapshot"], workdir, env)
     first = run(["dvc", "repro"], workdir, env)
+    # As a user does after a run (and as queued experiments need: their copies start from the commit).
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "dvc repro"], workdir, env)
     return workdir, env, first
 
 
