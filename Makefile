@@ -18,6 +18,7 @@ repro: $(INSTALLED)
 	dvc repro
 
 test: $(INSTALLED)
+	$(VENV)/bin/ruff check .
 	$(PYTHON) -m pytest -m "not paper"
 
 # The paper-scale dry run on the CPU (tests/test_paper_dryrun.py): ~10 min and ~13 GiB RAM, so not part of `make test`.
@@ -25,6 +26,7 @@ test-paper: $(INSTALLED)
 	$(PYTHON) -m pytest -m paper
 
 test-fast: $(INSTALLED)
+	$(VENV)/bin/ruff check .
 	$(PYTHON) -m pytest -m "not slow and not paper"
 
 # The benchmark extra (benchmarks/bench_trl.py): TRL in a venv of its own inside the repo (git-ignored), so that

@@ -20,7 +20,16 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.common import (
-    DTYPES, EOS, MIB, SHAPES, add_common_arguments, best_time, build_model, parse_pair, print_table, setup_device,
+    DTYPES,
+    EOS,
+    MIB,
+    SHAPES,
+    add_common_arguments,
+    best_time,
+    build_model,
+    parse_pair,
+    print_table,
+    setup_device,
     tensor_peak,
 )
 from pipeline.generation import left_pad, sample

@@ -36,14 +36,25 @@ import torch.nn.functional as F
 import yaml
 
 from benchmarks.common import (
-    DTYPES, EOS, MIB, SHAPES, add_common_arguments, best_time, build_model, matmul_parameters, measure_matmul_peak,
-    parse_pair, print_table, process_peak_rss, setup_device, tensor_peak,
+    DTYPES,
+    EOS,
+    MIB,
+    SHAPES,
+    add_common_arguments,
+    best_time,
+    build_model,
+    matmul_parameters,
+    measure_matmul_peak,
+    parse_pair,
+    print_table,
+    process_peak_rss,
+    setup_device,
+    tensor_peak,
 )
-from pipeline import losses
+from pipeline import losses, minillm
 from pipeline.config import MiniLLMMethod
 from pipeline.engine import build_optimizer
 from pipeline.generation import left_pad, sample
-from pipeline import minillm
 from pipeline.minillm import make_buffer, pt_loss_sum, surrogate_sums
 from pipeline.minillm_loss import policy_loss
 

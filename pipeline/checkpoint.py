@@ -36,11 +36,6 @@ from pipeline.config import CheckpointConfig, ConfigError
 
 SCRATCH = Path("scratch")
 # The code a training stage runs; any edit to it makes a scratch checkpoint stale.
-TRAINING_CODE = ("pipeline/checkpoint.py", "pipeline/engine.py", "pipeline/sft.py", "pipeline/minillm.py",
-                 "pipeline/minillm_loss.py", "pipeline/losses.py", "pipeline/generation.py", "pipeline/evaluation.py",
-                 "pipeline/data.py", "pipeline/models.py")
-
-
 class NonFiniteLoss(ConfigError):
     """A NaN or inf loss part or gradient norm; like a ConfigError it ends the stage with one line (exit 2):
     the fix is the user's (a lower learning rate, tighter clipping), and the last good checkpoint is kept."""
@@ -64,10 +59,12 @@ def skip_or_stop(stage_key: str, step: int, part: str, skipped: int, max_skips: 
     return skipped + 1
 
 
-def fingerprint(params: dict, inputs: list[str | Path]) -> str:
-    """sha256 over the params (canonical JSON) and every file under `inputs` plus the training code, by content."""
+def fingerprint(params: dict, inputs: list[str | Path] | tuple[str | Path, ...]) -> str:
+    """sha256 over the params (canonical JSON) and every file under `inputs`, by content. Stages pass their
+    declaration (pipeline/dvc_stages.py): the declared params, and the declared deps, which include every module the
+    stage can import, so a checkpoint made by other code or data is never resumed."""
     digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
-    for root in [*inputs, *TRAINING_CODE]:
+    for root in inputs:
         root = Path(root)
         if not root.exists():
             raise ConfigError(f"{root}: input not found; run the stages that make it first (dvc repro)")

@@ -19,7 +19,22 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-from pipeline.losses import DIVERGENCE_NAMES
+# The protocol's vocabulary, defined once: the models Table 1 compares (its rows, in order; every method but the
+# teacher trains a student) and the evaluation sets (its columns, in order; the same names at paper scale).
+METHODS: tuple[str, ...] = ("teacher", "sft", "kd", "seqkd", "minillm")
+EVAL_SETS: tuple[str, ...] = ("dollyeval", "selfinst", "vicunaeval", "sni", "unni")
+
+# The token-level divergences of pipeline/losses.py, by the name params.yaml gives them. Defined here, not there,
+# so that loading params imports no loss code (every stage would then depend on pipeline/losses.py).
+DIVERGENCE_NAMES: tuple[str, ...] = (
+    "forward_kl",
+    "reverse_kl",
+    "jsd",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "tvd",
+    "teacher_cross_entropy",
+)
 
 
 # Labels name directories and DVC stages (`distill_kd@120M`): no dots, no slashes.

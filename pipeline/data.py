@@ -246,7 +246,7 @@ class TokenizedSplit:
         return ids, int(self.prompt_lengths[index])
 
     @classmethod
-    def from_examples(cls, examples: list[TokenizedExample]) -> "TokenizedSplit":
+    def from_examples(cls, examples: list[TokenizedExample]) -> TokenizedSplit:
         lengths = [len(e.input_ids) for e in examples]
         offsets = np.zeros(len(examples) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum(lengths)
@@ -262,12 +262,12 @@ class TokenizedSplit:
         write_file_checksum(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "TokenizedSplit":
+    def load(cls, path: str | Path) -> TokenizedSplit:
         verify_file_checksum(path)
         return cls.parse(path)
 
     @classmethod
-    def parse(cls, path: str | Path) -> "TokenizedSplit":
+    def parse(cls, path: str | Path) -> TokenizedSplit:
         """Read and check the arrays' layout (what the checksum cannot vouch for: a file saved by a buggy writer)."""
         try:
             with np.load(path, allow_pickle=False) as arrays:

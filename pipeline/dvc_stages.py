@@ -1,5 +1,9 @@
 """The pipeline as `dvc.yaml` defines it now, read through DVC itself (which expands `foreach` and `matrix` over the
-current params), and the removal of what stages that no longer exist left behind.
+current params): each stage's declarations, and the removal of what stages that no longer exist left behind.
+
+A stage takes what it tells MLflow and what its resume fingerprint covers from `declaration(<its name>)`, so
+neither can drift from dvc.yaml: the params are the keys the stage declares, with the values DVC tracks, and the
+inputs are its declared deps, code included.
 
 Removing a training seed from `train_seeds` or a student from `models.students` removes matrix stages, but DVC
 leaves their outputs in the workspace (git-tracked metrics files among them) and their entries in `dvc.lock`. A
@@ -11,11 +15,45 @@ with the current ones. So the report reads exactly the outputs of the current st
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import yaml
 
+from pipeline.config import ConfigError
 from pipeline.io import atomic_write_text
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """What dvc.yaml declares for one stage, as DVC resolves it."""
+
+    cmd: str
+    deps: tuple[str, ...]  # paths: data, models and code
+    params: dict  # {declared params.yaml key: its value}
+    outs: tuple[str, ...]
+
+
+def declaration(stage_name: str) -> Declaration:
+    """The declarations of the stage `dvc repro` calls `stage_name` (e.g. `distill_kd@tiny-1234`)."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        # Reading dvc.yaml and params.yaml needs no git: a stage also runs in a plain copy of the project.
+        with Repo(".", config={"core": {"no_scm": True}}) as repo:
+            stage = next((s for s in repo.index.stages if s.addressing == stage_name), None)
+            if stage is None:
+                raise ConfigError(f"dvc.yaml: no stage {stage_name} with the current params.yaml")
+            params = {}
+            for dep in stage.deps:
+                if isinstance(dep, ParamsDependency):
+                    params |= dep.read_params()
+            return Declaration(cmd=stage.cmd, deps=tuple(d.def_path for d in stage.deps if not isinstance(d, ParamsDependency)),
+                               params=params, outs=tuple(out.def_path for out in stage.outs))
+    except DvcException as error:
+        raise ConfigError(f"dvc.yaml: cannot read stage {stage_name}: {error}") from error
 
 
 def current_stages() -> dict[str, list[str]]:

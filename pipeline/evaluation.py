@@ -30,14 +30,16 @@ def generate_responses(
     batch_size: int,
     temperature: float = 1.0,
     progress: str | None = None,
-) -> list[str]:
-    """Sample one response per prompt. Prompts are batched by length (less left padding); order is kept."""
+) -> tuple[list[str], int]:
+    """Sample one response per prompt: (the texts, in the prompts' order; the number of tokens sampled, each row's
+    EOS included, which the cost ledger counts). Prompts are batched by length (less left padding)."""
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     encoded = [tokenizer.encode(prompt, add_special_tokens=False) for prompt in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     responses: list[str] = [""] * len(prompts)
+    generated_tokens = 0
     batches = range(0, len(order), batch_size)
     for start in tqdm(batches, desc=progress, disable=progress is None, leave=False):
         indices = order[start : start + batch_size]
@@ -52,9 +54,10 @@ def generate_responses(
             generator=generator,
             temperature=temperature,
         )
+        generated_tokens += int(rollout.response_mask.sum().item())
         for index, text in zip(indices, decode_responses(tokenizer, rollout)):
             responses[index] = text
-    return responses
+    return responses, generated_tokens
 
 
 def score_records(records: list[dict], responses: list[str]) -> list[float]:
@@ -64,5 +67,6 @@ def score_records(records: list[dict], responses: list[str]) -> list[float]:
 def evaluate_rouge_l(model, tokenizer, records: list[dict], *, seed: int, max_new_tokens: int, batch_size: int) -> float:
     """Mean Rouge-L of one sampling seed: what training stages use to pick checkpoints on validation."""
     prompts = [build_prompt(r["instruction"], r["context"]) for r in records]
-    responses = generate_responses(model, tokenizer, prompts, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    responses, _ = generate_responses(model, tokenizer, prompts, seed=seed, max_new_tokens=max_new_tokens,
+                                      batch_size=batch_size)
     return statistics.fmean(score_records(records, responses))

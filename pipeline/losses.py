@@ -26,26 +26,20 @@ not even the input logits exist for the whole sequence.
 
 import functools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+# The names params.yaml may give (validated at load time); `divergence` below dispatches on them.
+from pipeline.config import DIVERGENCE_NAMES  # noqa: F401  (re-exported: the losses' public vocabulary)
+
 # Positions per chunk. With GPT-2's 50,257-token vocabulary and 8 rows, one fp32 [8, 64, V] tensor is ~100 MB,
 # and a chunk holds a handful of them.
 DEFAULT_CHUNK = 64
 
-DIVERGENCE_NAMES: tuple[str, ...] = (
-    "forward_kl",
-    "reverse_kl",
-    "jsd",
-    "skew_forward_kl",
-    "skew_reverse_kl",
-    "tvd",
-    "teacher_cross_entropy",
-)
 
 # Per-token divergences over the last (vocabulary) dimension, from fp32 log-probs: [..., V] -> [...].
 

@@ -237,7 +237,8 @@ def train_minillm(
         result = MiniLLMResult(best_state=cpu_state(student))
         initial = validate(student, teacher, tokenizer, valid_records, config, seed, device)
         result.best_rouge_l = initial["valid/rouge_l"]
-        result.valid_curve.append({"step": 0, "valid_rouge_l": initial["valid/rouge_l"], "valid_reverse_kl": initial["valid/reverse_kl_sequence"]})
+        result.valid_curve.append({"step": 0, "valid_rouge_l": initial["valid/rouge_l"],
+                                   "valid_reverse_kl": initial["valid/reverse_kl_sequence"]})
         log_metrics(initial, 0)
     wall_time_before, segment_started = result.wall_time_s, time.perf_counter()
 
@@ -338,7 +339,8 @@ def train_minillm(
         progress.update(1)
         if step % config.eval_every == 0 or step == config.steps:
             scores = validate(model_engine.module, teacher, tokenizer, valid_records, config, seed, device)
-            result.valid_curve.append({"step": step, "valid_rouge_l": scores["valid/rouge_l"], "valid_reverse_kl": scores["valid/reverse_kl_sequence"]})
+            result.valid_curve.append({"step": step, "valid_rouge_l": scores["valid/rouge_l"],
+                                       "valid_reverse_kl": scores["valid/reverse_kl_sequence"]})
             log_metrics(scores, step)
             if scores["valid/rouge_l"] > result.best_rouge_l:
                 result.best_rouge_l, result.best_state = scores["valid/rouge_l"], cpu_state(model_engine.module)

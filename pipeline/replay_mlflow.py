@@ -48,9 +48,9 @@ METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
 
 def dvc_stages_with_metrics(root: Path) -> list[dict]:
     """[{name, files: [metrics JSON and plots CSV paths that exist], params: {...}}] for every stage of dvc.yaml."""
+    from dvc.dependency.param import ParamsDependency
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
-    from dvc.dependency.param import ParamsDependency
 
     try:
         repo = Repo(str(root))

@@ -181,7 +181,8 @@ def train_sft(
         checked = {name: engine.global_sum(value, dist.device) for name, value in part_sums.items()} | {"grad_norm": grad_norm}
         bad_part = checkpoint.first_nonfinite(checked)
         if bad_part is not None:
-            result.skipped_steps = checkpoint.skip_or_stop(stage_key, step, bad_part, result.skipped_steps, checkpointer.max_nonfinite_skips)
+            result.skipped_steps = checkpoint.skip_or_stop(stage_key, step, bad_part, result.skipped_steps,
+                                                           checkpointer.max_nonfinite_skips)
         else:
             point = {
                 "step": step,

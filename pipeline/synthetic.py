@@ -86,7 +86,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-EVAL_SETS: tuple[str, ...] = ("dollyeval", "selfinst", "vicunaeval", "sni", "unni")
+from pipeline.config import EVAL_SETS  # noqa: F401  (the suite builds one split per evaluation set)
 
 _WORLD_SEED = 20230615
 _MAX_TRIES_PER_RECORD = 200
@@ -617,7 +617,8 @@ def _draw(
 def build_suite(seed: int, n_train: int, n_valid: int, n_per_eval_set: int) -> dict[str, list[dict]]:
     """Keys: "train", "valid", and each name in EVAL_SETS. Each record is
     {"instruction": str, "context": str ("" when none), "response": str, "category": str, "references": list[str]}.
-    `response` is ONE valid response (what SFT trains on); `references` lists ALL valid responses (Rouge-L takes the max over them); response is in references."""
+    `response` is ONE valid response (what SFT trains on); `references` lists ALL valid responses (Rouge-L takes
+    the max over them); response is in references."""
     for name, size in (("train", n_train), ("valid", n_valid), ("each eval set", n_per_eval_set)):
         if size < 0:
             raise ValueError(f"the size of {name} must be >= 0, got {size}")
@@ -664,7 +665,8 @@ def _document(rng: random.Random, topic: str) -> str:
 
 
 def build_pretrain_corpus(seed: int, n_documents: int) -> list[str]:
-    """Prose documents (a few sentences each) from the same synthetic world, for the pre-training (PT) loss and for pre-training the tiny base models."""
+    """Prose documents (a few sentences each) from the same synthetic world, for the pre-training (PT) loss and for
+    pre-training the tiny base models."""
     if n_documents < 0:
         raise ValueError(f"n_documents must be >= 0, got {n_documents}")
     rng = random.Random(seed)

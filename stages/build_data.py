@@ -9,6 +9,7 @@ import numpy as np
 
 from pipeline import data, synthetic
 from pipeline.config import ConfigError, exit_on_user_error, load_params
+from pipeline.dvc_stages import declaration
 from pipeline.io import atomic_directory, atomic_write_json, atomic_write_jsonl, write_checksums
 from pipeline.models import load_tokenizer
 from pipeline.tracking import StageRun
@@ -61,7 +62,7 @@ def shared_tokenizer(params, train: list[dict], documents: list[str]):
 def main() -> None:
     params = load_params()
     config = params.data
-    with StageRun("build_data", {"seed": params.seed, "data": config.model_dump(), "models.teacher.name_or_path": params.models.teacher.name_or_path}) as run:
+    with StageRun("build_data", declaration("build_data").params) as run:
         train, valid, eval_sets, dropped_empty = load_instruction_splits(params)
         documents = pretrain_documents(params)
         tokenizer = shared_tokenizer(params, train, documents)

@@ -15,6 +15,7 @@ import torch
 
 from pipeline import checkpoint, engine
 from pipeline.config import ConfigError, exit_on_user_error, load_params
+from pipeline.dvc_stages import declaration
 from pipeline.io import atomic_directory, atomic_write_json
 from pipeline.minillm import train_minillm
 from pipeline.models import count_parameters, load_model, save_checkpoint
@@ -74,21 +75,16 @@ def main() -> None:
     engine.relaunch_if_data_parallel(params.engine)
     dist = engine.setup(params.engine)
     engine.seed_everything(seed)
-    stage_params = {"seed": seed, f"distill.{method}": params.distill.model_dump()[method],
-                    "engine": params.engine.model_dump(), "max_nonfinite_skips": params.checkpoint.max_nonfinite_skips}
     tags = {"method": method, "student": student_label, "train_seed": str(seed)}
     name = f"{student_label}-seed{seed}"
     stage = f"distill_{method}@{student_label}-{seed}"
     start = START_CHECKPOINT[method].format(seed=seed)
-    inputs = {"kd": ["data/tokenized"], "seqkd": ["teacher_data", "data/tokenized/valid.npz"],
-              "minillm": ["data/tokenized", "data/pretrain"]}[method]
-    fingerprint = checkpoint.fingerprint(stage_params, [
-        f"models/{student_label}/{start}", "models/teacher/sft", "data/tokenizer", "data/instructions/valid.jsonl", *inputs,
-    ])
+    declared = declaration(stage)
+    fingerprint = checkpoint.fingerprint(declared.params | {"cmd": declared.cmd}, declared.deps)
     resume = checkpoint.find(stage, fingerprint, dist)
     if resume is not None and resume.run_id:
         tags["resumed_from"] = resume.run_id
-    with StageRun(stage, stage_params, tags=tags, enabled=dist.is_main) as run:
+    with StageRun(stage, declared.params, tags=tags, enabled=dist.is_main) as run:
         checkpointer = checkpoint.Checkpointer(stage, fingerprint, params.checkpoint, dist, resume, run.run_id)
         dtype = engine.dtype_of(params.engine)
         teacher = load_model("models/teacher/sft", dtype).to(dist.device).requires_grad_(False)

@@ -17,15 +17,13 @@ from pathlib import Path
 import torch
 
 from pipeline import engine, eval_metrics
-from pipeline.config import ConfigError, exit_on_user_error, load_params
+from pipeline.config import EVAL_SETS, METHODS, ConfigError, exit_on_user_error, load_params
 from pipeline.data import build_prompt, read_jsonl
+from pipeline.dvc_stages import declaration
 from pipeline.evaluation import generate_responses, score_records
 from pipeline.io import atomic_directory, atomic_write_json
 from pipeline.models import load_model, load_tokenizer
-from pipeline.synthetic import EVAL_SETS
 from pipeline.tracking import StageRun
-
-METHODS = ("teacher", "sft", "kd", "seqkd", "minillm")
 
 
 def checkpoint(method: str, student: str | None, train_seed: int | None) -> str:
@@ -59,7 +57,7 @@ def main() -> None:
     device = torch.device(params.engine.device)
 
     tags = {"method": method, "student": label, "train_seed": str(train_seed)}
-    with StageRun(stage, {"evaluate": config.model_dump()}, tags=tags) as run:
+    with StageRun(stage, declaration(stage).params, tags=tags) as run:
         tokenizer = load_tokenizer("data/tokenizer")
         dtype = engine.dtype_of(params.engine)
         model = load_model(checkpoint(method, student, train_seed), dtype).to(device)
@@ -72,7 +70,7 @@ def main() -> None:
                 rows, per_seed, by_length, words = [], {}, [], []
                 distinct = {n: [] for n in eval_metrics.DISTINCT_N}
                 for seed in config.seeds:
-                    responses = generate_responses(
+                    responses, _ = generate_responses(
                         model, tokenizer, prompts, seed=seed, max_new_tokens=config.max_new_tokens,
                         batch_size=config.batch_size, temperature=config.temperature, progress=f"{stage} {set_name} seed {seed}",
                     )

@@ -7,6 +7,7 @@ import argparse
 
 from pipeline import checkpoint, engine
 from pipeline.config import ConfigError, exit_on_user_error, load_params
+from pipeline.dvc_stages import declaration
 from pipeline.io import atomic_write_json
 from pipeline.models import count_parameters, load_model, save_checkpoint
 from pipeline.sft import copy_with_state, load_sft_inputs, summarize, train_sft, write_curves
@@ -27,17 +28,15 @@ def main() -> None:
     engine.relaunch_if_data_parallel(params.engine)
     dist = engine.setup(params.engine)
     engine.seed_everything(seed)
-    stage_params = {"seed": seed, "init_student": params.init_student.model_dump(), "engine": params.engine.model_dump(),
-                    "max_nonfinite_skips": params.checkpoint.max_nonfinite_skips}
-
     name = f"{student}-seed{seed}"
     stage = f"init_student@{student}-{seed}"
     tags = {"method": "sft", "student": student, "train_seed": str(seed)}
-    fingerprint = checkpoint.fingerprint(stage_params, ["data/tokenizer", "data/tokenized", "data/instructions/valid.jsonl", f"models/{student}/base"])
+    declared = declaration(stage)  # the train seed is in the stage's name and cmd, so in its declared deps' hash too
+    fingerprint = checkpoint.fingerprint(declared.params | {"cmd": declared.cmd}, declared.deps)
     resume = checkpoint.find(stage, fingerprint, dist)
     if resume is not None and resume.run_id:
         tags["resumed_from"] = resume.run_id
-    with StageRun(stage, stage_params, tags=tags, enabled=dist.is_main) as run:
+    with StageRun(stage, declared.params, tags=tags, enabled=dist.is_main) as run:
         checkpointer = checkpoint.Checkpointer(stage, fingerprint, params.checkpoint, dist, resume, run.run_id)
         inputs = load_sft_inputs()
         model = load_model(f"models/{student}/base", engine.dtype_of(params.engine)).to(dist.device)
@@ -47,11 +46,13 @@ def main() -> None:
             engine_config=params.engine, dist=dist, seed=seed, log_metrics=run.log_metrics, checkpointer=checkpointer,
         )
         if dist.is_main:
-            save_checkpoint(copy_with_state(model, result.best_rouge_state), inputs.tokenizer, f"models/{student}/seed{seed}/sft/best_rouge")
+            save_checkpoint(copy_with_state(model, result.best_rouge_state), inputs.tokenizer,
+                            f"models/{student}/seed{seed}/sft/best_rouge")
             save_checkpoint(copy_with_state(model, result.best_loss_state), inputs.tokenizer, f"models/{student}/seed{seed}/sft/best_loss")
             write_curves(result, f"plots/init_student/{name}")
             atomic_write_json(f"metrics/init_student/{name}.json", summarize(result) | {"parameters": count_parameters(model)})
-            print(f"init_student@{student}-{seed}: best validation Rouge-L {result.best_rouge_l:.2f}, best validation loss {result.best_loss:.3f}")
+            print(f"init_student@{student}-{seed}: best validation Rouge-L {result.best_rouge_l:.2f}, "
+                  f"best validation loss {result.best_loss:.3f}")
         checkpointer.finish()
     engine.teardown()
 

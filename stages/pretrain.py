@@ -16,6 +16,7 @@ from tqdm import tqdm
 from pipeline import checkpoint, engine
 from pipeline.config import ConfigError, exit_on_user_error, load_params
 from pipeline.data import check_same_tokenizer
+from pipeline.dvc_stages import declaration
 from pipeline.io import atomic_write_json
 from pipeline.models import build_gpt2, count_parameters, load_tokenizer, save_checkpoint, save_pointer
 from pipeline.tracking import StageRun
@@ -34,13 +35,12 @@ def main() -> None:
     engine.relaunch_if_data_parallel(params.engine)
     dist = engine.setup(params.engine)
     engine.seed_everything(params.seed)
-    stage_params = {"seed": params.seed, "model_spec": spec.model_dump(), "pretrain": params.pretrain.model_dump(),
-                    "engine": params.engine.model_dump(), "max_nonfinite_skips": params.checkpoint.max_nonfinite_skips}
-    fingerprint = checkpoint.fingerprint(stage_params | {"max_length": params.data.max_length}, ["data/tokenizer", "data/pretrain"])
+    declared = declaration(stage)
+    fingerprint = checkpoint.fingerprint(declared.params, declared.deps)
     resume = checkpoint.find(stage, fingerprint, dist)
     tags = {"model": model_name} | ({"resumed_from": resume.run_id} if resume and resume.run_id else {})
 
-    with StageRun(stage, stage_params if dist.is_main else {}, tags=tags, enabled=dist.is_main) as run:
+    with StageRun(stage, declared.params, tags=tags, enabled=dist.is_main) as run:
         checkpointer = checkpoint.Checkpointer(stage, fingerprint, params.checkpoint, dist, resume, run.run_id)
         tokenizer = load_tokenizer("data/tokenizer")
         if spec.name_or_path:

@@ -23,13 +23,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from pipeline import eval_metrics
-from pipeline.config import exit_on_user_error, load_params
-from pipeline.dvc_stages import current_outputs
+from pipeline.config import EVAL_SETS, METHODS, exit_on_user_error, load_params
+from pipeline.dvc_stages import current_outputs, declaration
 from pipeline.io import atomic_write_json, atomic_write_text
-from pipeline.synthetic import EVAL_SETS
 from pipeline.tracking import StageRun, ui_address
 
-METHOD_ORDER = ["teacher", "sft", "kd", "seqkd", "minillm"]
 METHOD_NAMES = {"teacher": "Teacher", "sft": "SFT w/o KD", "kd": "KD", "seqkd": "SeqKD", "minillm": "MiniLLM"}
 SET_NAMES = {"dollyeval": "DollyEval", "selfinst": "SelfInst", "vicunaeval": "VicunaEval", "sni": "S-NI", "unni": "UnNI"}
 MEASUREMENTS = ["ece", "token_accuracy", "response_words", *(f"distinct_{n}" for n in eval_metrics.DISTINCT_N)]
@@ -47,7 +45,8 @@ PAPER_TABLE1 = {
 PAPER_MODEL_SIZES = {"gpt2-xl": "1.5B", "gpt2": "120M", "gpt2-medium": "340M", "gpt2-large": "760M"}
 
 
-REPORT_FILES = ("summary.json", "summary_sets.json", "table1.md", "table1.csv", "results.csv", "paper.md", "measurements.md", "measurements.csv", "rouge_l.png",
+REPORT_FILES = ("summary.json", "summary_sets.json", "table1.md", "table1.csv", "results.csv", "paper.md", "measurements.md",
+                "measurements.csv", "rouge_l.png",
                 "minillm_training.png", "rouge_l_by_length.png", "rouge_l_vs_cost.png", "exposure_bias.png",
                 "validation_rouge_l.png")
 
@@ -84,7 +83,7 @@ def table1_numbers(results: pd.DataFrame) -> pd.DataFrame:
     table["gap_to_teacher"] = table["average"] - (teacher_average.iloc[0] if len(teacher_average) else float("nan"))
     # The teacher first, then each student size with its methods in the paper's order.
     table["is_student"] = table["method"] != "teacher"
-    table["order"] = table["method"].map(METHOD_ORDER.index)
+    table["order"] = table["method"].map(METHODS.index)
     table = table.sort_values(["is_student", "student", "order"]).drop(columns=["is_student", "order"])
     return table.reset_index(drop=True)
 
@@ -140,7 +139,7 @@ def plot_rouge_bars(results: pd.DataFrame, path: str) -> None:
     """Rouge-L per evaluation set, one bar per method and student, error bars = std over seeds."""
     summary = results.groupby(["method", "student", "eval_set"])["rouge_l"].agg(["mean", "std"]).reset_index()
     summary["model"] = summary["method"].map(METHOD_NAMES) + " (" + summary["student"] + ")"
-    summary["order"] = summary["method"].map(METHOD_ORDER.index)
+    summary["order"] = summary["method"].map(METHODS.index)
     models = summary.sort_values(["order", "student"])["model"].unique()
     sets = [s for s in EVAL_SETS if s in set(summary["eval_set"])]
     figure, axis = plt.subplots(figsize=(10, 4))
@@ -177,7 +176,7 @@ def plot_minillm_training(curve_dirs: list[Path], path: str) -> None:
 
 def in_table_order(frame: pd.DataFrame) -> pd.DataFrame:
     """The teacher first, then each student size with its methods in the paper's order (as in Table 1)."""
-    keys = frame.assign(is_student=frame["method"] != "teacher", order=frame["method"].map(METHOD_ORDER.index))
+    keys = frame.assign(is_student=frame["method"] != "teacher", order=frame["method"].map(METHODS.index))
     return frame.loc[keys.sort_values(["is_student", "student", "order"]).index]
 
 
@@ -372,8 +371,9 @@ def measurements_markdown(measurements: pd.DataFrame, by_length: pd.DataFrame, e
 
 def plot_rouge_by_length(by_length: pd.DataFrame, path: str) -> None:
     figure, axis = plt.subplots(figsize=(6, 3.6))
-    buckets = [eval_metrics.bucket_name(f, l) for f, l in eval_metrics.LENGTH_BUCKETS if eval_metrics.bucket_name(f, l) in set(by_length["bucket"])]
-    for (method, student), rows in sorted(by_length.groupby(["method", "student"]), key=lambda kv: METHOD_ORDER.index(kv[0][0])):
+    buckets = [eval_metrics.bucket_name(f, l) for f, l in eval_metrics.LENGTH_BUCKETS
+               if eval_metrics.bucket_name(f, l) in set(by_length["bucket"])]
+    for (method, student), rows in sorted(by_length.groupby(["method", "student"]), key=lambda kv: METHODS.index(kv[0][0])):
         rows = rows.set_index("bucket").reindex(buckets)
         axis.plot(buckets, rows["rouge_l"], marker="o", label=f"{METHOD_NAMES[method]} ({student})")
     axis.set_xlabel("gold response length (words)")
@@ -401,7 +401,7 @@ def plot_rouge_vs_cost(cost: pd.DataFrame, path: str) -> None:
 
 def plot_exposure_bias(exposure: pd.DataFrame, path: str) -> None:
     figure, axis = plt.subplots(figsize=(6, 3.6))
-    for (method, student), rows in sorted(exposure.groupby(["method", "student"]), key=lambda kv: METHOD_ORDER.index(kv[0][0])):
+    for (method, student), rows in sorted(exposure.groupby(["method", "student"]), key=lambda kv: METHODS.index(kv[0][0])):
         axis.plot(rows["l"], rows["ex_acc_err"], label=f"{METHOD_NAMES[method]} ({student})")
     axis.axhline(0.0, color="grey", linewidth=0.8)
     axis.set_xlabel("generated length l (tokens)")
@@ -414,7 +414,7 @@ def plot_exposure_bias(exposure: pd.DataFrame, path: str) -> None:
 def plot_validation_curves(curves: dict[str, pd.DataFrame], path: str) -> None:
     """Every method's validation Rouge-L against its own optimiser step, a line per method and student."""
     figure, axis = plt.subplots(figsize=(6, 3.6))
-    for model, curve in sorted(curves.items(), key=lambda kv: (METHOD_ORDER.index(kv[0].split("@")[0]), kv[0])):
+    for model, curve in sorted(curves.items(), key=lambda kv: (METHODS.index(kv[0].split("@")[0]), kv[0])):
         method, student = model.split("@", 1)
         axis.plot(curve["step"], curve["valid_rouge_l"], marker="o", markersize=3, label=f"{METHOD_NAMES[method]} ({student})")
     axis.set_xlabel("optimiser step of the method")
@@ -433,8 +433,7 @@ def save_figure(figure, path: str) -> None:
 
 def main() -> None:
     params = load_params()
-    tracked = {"evaluate.seeds": params.evaluate.seeds, "train_seeds": params.train_seeds, "data.source": params.data.source}
-    with StageRun("report", tracked) as run:
+    with StageRun("report", declaration("report").params) as run:
         # Exactly the outputs of the stages dvc.yaml defines now, never whatever else lies in these directories.
         metrics_files = current_outputs("metrics/eval")
         results = long_results(metrics_files)

@@ -2,15 +2,21 @@
 
 Sampling as in the spec (temperature 1, top-p 1, top-k 0). The student then trains on these responses,
 never on the gold ones (the official scripts re-read the gold responses by mistake: LMOps issue #250).
+
+It writes metrics/teacher_generate.json (tokens the teacher sampled, wall time): SeqKD's cost in the report includes
+this generation.
 """
+
+import time
 
 import torch
 
 from pipeline import engine
 from pipeline.config import ConfigError, exit_on_user_error, load_params
 from pipeline.data import build_prompt, read_jsonl, tokenize_records
+from pipeline.dvc_stages import declaration
 from pipeline.evaluation import generate_responses
-from pipeline.io import atomic_directory, atomic_write_jsonl
+from pipeline.io import atomic_directory, atomic_write_json, atomic_write_jsonl
 from pipeline.models import load_model, load_tokenizer
 from pipeline.tracking import StageRun
 
@@ -20,15 +26,17 @@ def main() -> None:
     config = params.distill.seqkd
     engine.seed_everything(params.seed)
     device = torch.device(params.engine.device)
-    with StageRun("teacher_generate", {"seed": params.seed, "distill.seqkd.max_new_tokens": config.max_new_tokens}) as run:
+    with StageRun("teacher_generate", declaration("teacher_generate").params) as run:
         tokenizer = load_tokenizer("data/tokenizer")
         teacher = load_model("models/teacher/sft", engine.dtype_of(params.engine)).to(device)
         records = read_jsonl("data/instructions/train.jsonl")
         prompts = [build_prompt(r["instruction"], r["context"]) for r in records]
-        responses = generate_responses(
+        started = time.perf_counter()
+        responses, generated_tokens = generate_responses(
             teacher, tokenizer, prompts, seed=params.seed, max_new_tokens=config.max_new_tokens,
             batch_size=params.evaluate.batch_size, progress="teacher_generate",
         )
+        wall_time_s = time.perf_counter() - started
         teacher_records = [r | {"response": text, "references": [text], "gold_response": r["response"]}
                            for r, text in zip(records, responses) if text]
         if not teacher_records:
@@ -39,8 +47,11 @@ def main() -> None:
         with atomic_directory("teacher_data") as out:
             atomic_write_jsonl(out / "train.jsonl", kept)
             split.save(out / "train.npz")
-        run.log_metrics({"examples": len(kept), "empty_responses": len(records) - len(teacher_records),
-                         "mean_response_words": sum(len(r["response"].split()) for r in kept) / len(kept)})
+        metrics = {"examples": len(kept), "empty_responses": len(records) - len(teacher_records),
+                   "mean_response_words": sum(len(r["response"].split()) for r in kept) / len(kept),
+                   "generated_tokens": generated_tokens, "wall_time_s": wall_time_s}
+        run.log_metrics(metrics)
+        atomic_write_json("metrics/teacher_generate.json", metrics)
         print(f"teacher_generate: {len(kept)} teacher responses ({len(records) - len(teacher_records)} empty dropped)")
 
 

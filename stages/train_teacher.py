@@ -2,6 +2,7 @@
 
 from pipeline import checkpoint, engine
 from pipeline.config import exit_on_user_error, load_params
+from pipeline.dvc_stages import declaration
 from pipeline.io import atomic_write_json
 from pipeline.models import count_parameters, load_model, save_checkpoint
 from pipeline.sft import copy_with_state, load_sft_inputs, summarize, train_sft, write_curves
@@ -13,15 +14,14 @@ def main() -> None:
     engine.relaunch_if_data_parallel(params.engine)
     dist = engine.setup(params.engine)
     engine.seed_everything(params.seed)
-    stage_params = {"seed": params.seed, "train_teacher": params.train_teacher.model_dump(), "engine": params.engine.model_dump(),
-                    "max_nonfinite_skips": params.checkpoint.max_nonfinite_skips}
-    fingerprint = checkpoint.fingerprint(stage_params, ["data/tokenizer", "data/tokenized", "data/instructions/valid.jsonl", "models/teacher/base"])
+    declared = declaration("train_teacher")
+    fingerprint = checkpoint.fingerprint(declared.params, declared.deps)
     resume = checkpoint.find("train_teacher", fingerprint, dist)
     tags = {"method": "teacher", "student": params.models.teacher.label}
     if resume is not None and resume.run_id:
         tags["resumed_from"] = resume.run_id
 
-    with StageRun("train_teacher", stage_params, tags=tags, enabled=dist.is_main) as run:
+    with StageRun("train_teacher", declared.params, tags=tags, enabled=dist.is_main) as run:
         checkpointer = checkpoint.Checkpointer("train_teacher", fingerprint, params.checkpoint, dist, resume, run.run_id)
         inputs = load_sft_inputs()
         model = load_model("models/teacher/base", engine.dtype_of(params.engine)).to(dist.device)

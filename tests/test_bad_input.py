@@ -19,10 +19,11 @@ import yaml
 from mlflow import MlflowClient
 
 from pipeline import data, io
-from pipeline.config import ConfigError, Architecture, exit_on_user_error
+from pipeline.config import Architecture, ConfigError, exit_on_user_error
 from pipeline.models import build_gpt2, load_model, load_tokenizer, save_checkpoint, save_pointer
 from stages import build_data
 from tests.test_config import REPO
+from tests.workspace import DVC_PROJECT_FILES, dvc_project
 
 GOOD = {"instruction": "Name a city.", "context": "", "response": "Paris is one.", "category": "open_qa"}
 
@@ -162,6 +163,7 @@ def write_params(directory: Path, **data_keys) -> None:
 def run_build_data_in_process(tmp_path, monkeypatch, capsys, store_uri, jsonl: bytes, **data_keys):
     (tmp_path / "dolly.jsonl").write_bytes(jsonl)
     write_params(tmp_path, **data_keys)
+    dvc_project(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri)
     capsys.readouterr()
@@ -195,7 +197,8 @@ def test_build_data_rejects_bad_data_in_one_line_and_writes_nothing(
     assert code == 2
     assert lines[-1].startswith("error: ") and lines[-1].endswith(expected), lines
     assert not (tmp_path / "data").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dolly.jsonl", "params.yaml"]  # no temporary directory
+    # No temporary directory is left.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["dolly.jsonl", "params.yaml", *DVC_PROJECT_FILES])
 
 
 def stage_subprocess_env(directory: Path, store_uri: str) -> dict:
@@ -210,6 +213,7 @@ def test_build_data_into_a_read_only_directory(tmp_path, store_uri):
     work.mkdir()
     (work / "dolly.jsonl").write_bytes(lines_of([GOOD] * 8))
     write_params(work)
+    dvc_project(work)
     command = [sys.executable, "-m", "stages.build_data"]
     if os.geteuid() == 0:  # root writes through permissions; without CAP_DAC_OVERRIDE it is bound by them
         if shutil.which("setpriv") is None:
@@ -224,7 +228,7 @@ def test_build_data_into_a_read_only_directory(tmp_path, store_uri):
     assert completed.returncode == 2, completed.stderr
     assert completed.stderr.strip().splitlines()[-1] == "error: data: Permission denied"
     assert "Traceback" not in completed.stderr
-    assert sorted(p.name for p in work.iterdir()) == ["dolly.jsonl", "params.yaml"]
+    assert sorted(p.name for p in work.iterdir()) == sorted(["dolly.jsonl", "params.yaml", *DVC_PROJECT_FILES])
 
 
 def test_build_data_on_a_full_disk(tmp_path, store_uri):
@@ -233,6 +237,7 @@ def test_build_data_on_a_full_disk(tmp_path, store_uri):
     work.mkdir()
     (work / "dolly.jsonl").write_bytes(lines_of([GOOD] * 8))
     write_params(work)
+    dvc_project(work)
     fill_disk_then_run = (
         "import errno, os, runpy\n"
         "def full(fd):\n"
@@ -247,4 +252,4 @@ def test_build_data_on_a_full_disk(tmp_path, store_uri):
     assert completed.returncode == 2, completed.stderr
     assert completed.stderr.strip().splitlines()[-1] == f"error: data: {os.strerror(errno.ENOSPC)}"
     assert "Traceback" not in completed.stderr
-    assert sorted(p.name for p in work.iterdir()) == ["dolly.jsonl", "params.yaml"]
+    assert sorted(p.name for p in work.iterdir()) == sorted(["dolly.jsonl", "params.yaml", *DVC_PROJECT_FILES])

@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 
 from pipeline.data import TokenizedSplit
 from tests.test_config import REPO
+from tests.workspace import dvc_project
 
 RECORDS = [
     {"instruction": f"Question {i}: who wrote “Les Misérables”?", "context": "Victor Hugo, 1862.\nA novel." if i % 2 else "",
@@ -25,6 +26,7 @@ def run_build_data(tmp_path, lines: list[str], eval_sets: dict | None = None):
     params["data"].update(source="jsonl", jsonl_path=str(source), valid_size=2, test_size=3, tokenizer_vocab_size=300,
                           max_length=512, max_prompt_length=448, eval_sets=eval_sets or {})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    dvc_project(tmp_path)
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
            "HOME": str(tmp_path)}
     return subprocess.run([sys.executable, "-m", "stages.build_data"], cwd=tmp_path, env=env, capture_output=True, text=True)

@@ -172,7 +172,8 @@ def split_arrays(draw):
     lengths = draw(st.lists(st.integers(min_value=-1, max_value=5), max_size=5))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     tokens = np.arange(max(int(offsets[-1]), 0), dtype=np.int32)
-    prompt_lengths = np.array(draw(st.lists(st.integers(min_value=-2, max_value=6), min_size=len(lengths), max_size=len(lengths))), dtype=np.int32)
+    prompt_lengths = np.array(draw(st.lists(st.integers(min_value=-2, max_value=6), min_size=len(lengths),
+                                            max_size=len(lengths))), dtype=np.int32)
     fields = {"tokens": tokens, "offsets": offsets, "prompt_lengths": prompt_lengths}
     damage = draw(st.sampled_from([None, "drop", "float", "2d", "strings", "shift", "shorter"]))
     name = draw(st.sampled_from(sorted(fields)))
@@ -211,7 +212,8 @@ def test_any_damage_to_a_saved_split_is_detected(position, flip, truncate):
     with scratch_file("train.npz") as path:
         path.write_bytes(GOOD_SPLIT)
         io.write_file_checksum(path)
-        damaged = GOOD_SPLIT[:position] if truncate else GOOD_SPLIT[:position] + bytes([GOOD_SPLIT[position] ^ flip]) + GOOD_SPLIT[position + 1 :]
+        flipped = GOOD_SPLIT[:position] + bytes([GOOD_SPLIT[position] ^ flip]) + GOOD_SPLIT[position + 1 :]
+        damaged = GOOD_SPLIT[:position] if truncate else flipped
         path.write_bytes(damaged)
         with pytest.raises(ConfigError, match="corrupted"):
             data.TokenizedSplit.load(path)

@@ -3,7 +3,7 @@ mixed directly rather than in log space), finite differences of that brute force
 mathematical identities between them."""
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch

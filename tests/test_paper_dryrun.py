@@ -8,8 +8,8 @@ CPU in fp32: one process, gloo). What the overlay and this test replace, and why
 
 - Tokenizer. No GPT-2 files offline, so a byte-level BPE with GPT-2's exact layout: 256 byte symbols, 50,000
   merges, <|endoftext|> = 50256, its first merges trained on the dry-run text so that words are one or two tokens,
-  as with GPT-2's (a no-context prompt takes 35). The vocabulary size, the width of every logits tensor and embedding, is what memory and the
-  chunked divergences depend on.
+  as with GPT-2's (a no-context prompt takes 35). The vocabulary size, the width of every logits tensor and
+  embedding, is what memory and the chunked divergences depend on.
 - Student: `arch` of gpt2's shape (12 x 768 x 12, 124M parameters with the tied 50,257 x 768 embedding), built
   from scratch and trained 2 steps by pretrain_student, then every student stage.
 - Teacher. GPT-2 XL (48 x 1600 x 25, 1.56B parameters) cannot be fine-tuned here: fp32 AdamW holds weights,
@@ -132,7 +132,8 @@ TOPICS = [
      "The river rises in the northern hills, crosses the plain in wide loops and reaches the sea at a busy port.",
      "The river flows from the northern hills across the plain to a port on the sea.", "summarization"),
     ("Is a tomato a fruit or a vegetable?", "", "Botanically a tomato is a fruit, though cooks treat it as a vegetable.", "open_qa"),
-    ("Write a short note thanking a colleague.", "", "Thank you for your help with the report this week; it made a real difference.", "creative_writing"),
+    ("Write a short note thanking a colleague.", "",
+     "Thank you for your help with the report this week; it made a real difference.", "creative_writing"),
     ("When did the library open?", "The town library opened in 1921 and moved to its present building in 1968.",
      "It opened in 1921.", "closed_qa"),
     ("Classify each as a bird or a fish: salmon, robin, trout, eagle.", "",

@@ -49,6 +49,9 @@ def pipeline(tmp_path_factory):
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow-test.db'}",
         "OMP_NUM_THREADS": "2",
+        # tests/audit/sitecustomize.py logs every file each stage process opens (the stage contract).
+        "PYTHONPATH": str(workdir / "tests" / "audit"),
+        "STAGE_AUDIT_DIR": str(tmp_path_factory.mktemp("stage-audit")),
     }
     # Other tests may have initialised torch.distributed in this process: its rendezvous must not leak into DVC's.
     for inherited in ("DVC_ROOT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -83,6 +86,19 @@ def test_every_stage_ran_and_the_report_has_every_method(pipeline):
     assert set(metrics["sets"]["dollyeval"]["per_seed"]) == {str(s) for s in params["evaluate"]["seeds"]}
     rollouts = sorted((workdir / "models" / "tiny2" / f"seed{TRAIN_SEED}" / "minillm" / "rollouts").glob("round_*.pt"))
     assert rollouts, "MiniLLM rollout buffers are saved"
+
+
+def test_every_file_a_stage_opened_is_declared(pipeline):
+    """The stage contract at run time: every file a stage process of the first `dvc repro` read is among its deps or
+    outs, and every file it wrote among its outs (tests/test_stage_contract.py checks the imported modules)."""
+    from tests.test_stage_contract import dvc_stages, undeclared_accesses
+
+    workdir, env, _ = pipeline
+    records = [json.loads(path.read_text()) for path in sorted(Path(env["STAGE_AUDIT_DIR"]).glob("*.json"))]
+    stages = dvc_stages(workdir)
+    ran = {name for name, (cmd, _, _) in stages.items() if any(r["argv"] == shlex.split(cmd)[1:] for r in records)}
+    assert ran == STAGES, STAGES ^ ran
+    assert undeclared_accesses(stages, records) == {}
 
 
 def test_seqkd_trains_on_teacher_samples_not_gold(pipeline):

@@ -156,6 +156,9 @@ stages:
   distill_minillm:
     cmd: "true"
     plots: [{plots/distill/minillm/S-seed1/train.csv: {cache: false}}, {plots/distill/minillm/S-seed1/valid.csv: {cache: false}}]
+  report:
+    cmd: python -m stages.report
+    params: [evaluate.seeds, train_seeds]
 """
 
 

@@ -254,7 +254,8 @@ def test_runs_of_dead_processes_are_marked_killed(client: MlflowClient) -> None:
 def test_a_parent_whose_first_stage_was_killed_is_marked_killed(client: MlflowClient, tmp_path: Path) -> None:
     """kill -9 of the first stage of a `dvc repro` leaves its run and the parent RUNNING: the next execution's
     first stage marks both KILLED, so that no run is left RUNNING after a rerun."""
-    killed_stage = "import os\nfrom pipeline.tracking import StageRun\nwith StageRun('build_data', {}, experiment='killed'):\n    os.kill(os.getpid(), 9)\n"
+    killed_stage = ("import os\nfrom pipeline.tracking import StageRun\n"
+                    "with StageRun('build_data', {}, experiment='killed'):\n    os.kill(os.getpid(), 9)\n")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "MINILLM_PIPELINE_ID": "killed-run"}
     assert subprocess.run([sys.executable, "-c", killed_stage], env=env, cwd=tmp_path).returncode == -9
     experiment_id = client.get_experiment_by_name("killed").experiment_id

@@ -24,3 +24,16 @@ def run(cmd: list[str], cwd: Path, env: dict, check: bool = True, timeout: float
     if check and completed.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
     return completed
+
+
+# What `dvc_project` adds to a directory.
+DVC_PROJECT_FILES = (".dvc", ".dvcignore", "dvc.yaml")
+
+
+def dvc_project(directory: Path) -> None:
+    """Make `directory` a DVC project with the repository's dvc.yaml (no git), so that a stage run in it in-process
+    finds its declaration (pipeline/dvc_stages.py)."""
+    from dvc.repo import Repo
+
+    shutil.copy(REPO / "dvc.yaml", directory / "dvc.yaml")
+    Repo.init(str(directory), no_scm=True).close()
