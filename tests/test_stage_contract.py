@@ -95,7 +95,7 @@ def dvc_stages(root: Path = REPO) -> dict[str, tuple[str, set[PurePosixPath], se
 
     with Repo(str(root)) as repo:
         return {
-            stage.addressing: (
+            stage.name: (
                 stage.cmd,
                 {PurePosixPath(dep.def_path) for dep in stage.deps if not dep.def_path.endswith(".yaml")},
                 {PurePosixPath(out.def_path) for out in stage.outs},
@@ -105,8 +105,11 @@ def dvc_stages(root: Path = REPO) -> dict[str, tuple[str, set[PurePosixPath], se
 
 
 # Paths a stage may touch without declaring them: its resume checkpoints (scratch/, deleted once the stage ends),
-# the MLflow store, DVC's and git's own files, and the parameters, which stages declare key by key under `params:`.
+# the MLflow store, DVC's and git's own files (pipeline/dvc_stages.py reads the pipeline through DVC), and the
+# parameters, which stages declare key by key under `params:`. Modules and their bytecode: the import check.
 UNDECLARED_ALLOWED = ("scratch/", "mlflow", "mlartifacts/", ".dvc/", ".git/", "dvc.lock", "dvc.yaml", "params.yaml")
+UNDECLARED_NAMES = (".gitignore", ".dvcignore")
+UNDECLARED_SUFFIXES = (".py", ".pyc")
 
 
 def undeclared_accesses(stages: dict[str, tuple[str, set[PurePosixPath], set[PurePosixPath]]],
@@ -123,8 +126,9 @@ def undeclared_accesses(stages: dict[str, tuple[str, set[PurePosixPath], set[Pur
         for kind, paths, allowed in (("read", record["read"], deps | outs), ("written", record["written"], outs)):
             for path in paths:
                 path = PurePosixPath(path)
-                if path.suffix == ".py" or str(path).startswith(UNDECLARED_ALLOWED) or declared(path, allowed):
-                    continue  # modules: the import check above
+                if (path.suffix in UNDECLARED_SUFFIXES or path.name in UNDECLARED_NAMES
+                        or str(path).startswith(UNDECLARED_ALLOWED) or declared(path, allowed)):
+                    continue
                 problems.setdefault(name, []).append(f"{kind} {path}")
     return {name: sorted(set(paths)) for name, paths in problems.items()}
 

@@ -32,10 +32,11 @@ if _LOG_DIR and _ARGV[:1] == ["-m"] and len(_ARGV) > 1 and _ARGV[1].startswith("
         if event == "open":
             path, mode, flags = args
             relative = _relative(path)
+            reads = not (any(c in mode for c in "wax+") if isinstance(mode, str) else flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+            if reads and relative is not None and not os.path.exists(relative):
+                relative = None  # opened relative to a directory descriptor (dir_fd), or not found: not a path from here
             if relative is not None:
-                writes = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(
-                    flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
-                _opened.append((relative, writes))
+                _opened.append((relative, not reads))
         elif event in ("os.rename", "os.replace"):
             source, destination = _relative(args[0]), _relative(args[1])
             if source is not None and destination is not None:
