@@ -245,6 +245,10 @@ class TokenizedSplit:
         ids = self.tokens[self.offsets[index] : self.offsets[index + 1]].tolist()
         return ids, int(self.prompt_lengths[index])
 
+    def prompts(self) -> list[list[int]]:
+        """Every example's prompt tokens (MiniLLM samples its own responses to them)."""
+        return [ids[:prompt_length] for ids, prompt_length in map(self.example, range(len(self)))]
+
     @classmethod
     def from_examples(cls, examples: list[TokenizedExample]) -> TokenizedSplit:
         lengths = [len(e.input_ids) for e in examples]

@@ -34,16 +34,17 @@ class Declaration:
     outs: tuple[str, ...]
 
 
-def declaration(stage_name: str) -> Declaration:
-    """The declarations of the stage `dvc repro` calls `stage_name` (e.g. `distill_kd@tiny-1234`)."""
+def declaration(stage_name: str, root: str | Path = ".") -> Declaration:
+    """The declarations of the stage `dvc repro` calls `stage_name` (e.g. `distill_kd@tiny-1234`) in the project at
+    `root`."""
     from dvc.dependency.param import ParamsDependency
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     try:
         # Reading dvc.yaml and params.yaml needs no git: a stage also runs in a plain copy of the project.
-        with Repo(".", config={"core": {"no_scm": True}}) as repo:
-            stage = next((s for s in repo.index.stages if s.addressing == stage_name), None)
+        with Repo(str(root), config={"core": {"no_scm": True}}) as repo:
+            stage = next((s for s in repo.index.stages if s.name == stage_name), None)
             if stage is None:
                 raise ConfigError(f"dvc.yaml: no stage {stage_name} with the current params.yaml")
             params = {}

@@ -210,6 +210,25 @@ def scale_for_global_mean(loss_sum: torch.Tensor, global_count: float, model_eng
     return loss_sum * (model_engine.gradient_accumulation_steps() * world_size / global_count)
 
 
+def optimizer_step(model_engine, micro_batches: list, micro_loss, global_count: float, world_size: int) -> tuple[dict[str, float], float]:
+    """One optimiser step over this rank's micro-batches, shared by every recipe.
+
+    `micro_loss(batch)` returns the micro-batch's loss, a sum over the tokens it covers of a loss whose step value is
+    that sum over all micro-batches and ranks divided by `global_count` (a recipe whose loss is already normalised
+    passes 1), and a dict of scalars to sum over the step for logging. Returns this rank's sums of those scalars and
+    the pre-clipping gradient norm."""
+    sums: dict[str, float] = {}
+    for index, batch in enumerate(micro_batches):
+        loss, parts = micro_loss(batch)
+        model_engine.backward(scale_for_global_mean(loss, global_count, model_engine, world_size))
+        if index == len(micro_batches) - 1:
+            norm = grad_norm_before_step(model_engine)
+        model_engine.step()  # DeepSpeed steps the optimiser only at the last micro-batch of the accumulation
+        for name, value in parts.items():
+            sums[name] = sums.get(name, 0.0) + value.item()
+    return sums, grad_norm_after_step(model_engine, norm)
+
+
 def micro_batch_indices(step_indices: np.ndarray, micro_batch: int, grad_accum: int, dist_info: Dist) -> list[np.ndarray]:
     """This rank's micro-batches of one optimiser step's global batch (rank r takes every W-th slice)."""
     slices = []

@@ -25,10 +25,13 @@ divided by the number of prompts.
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 from tqdm import tqdm
 
 from pipeline.data import TokenizedSplit, build_prompt, sft_batch, tokenize_example
+from pipeline.evaluation import generate_responses, score_records
 from pipeline.generation import left_pad, sample
 from pipeline.losses import forward_kl
 
@@ -201,3 +204,48 @@ def exposure_bias(
         "curve": {"l": list(range(1, max_new_tokens + 1)), "student_prefix_error": student_prefix,
                   "teacher_prefix_error": teacher_prefix, "ex_acc_err": curve},
     }
+
+
+def evaluate_set(model, tokenizer, records: list[dict], *, seeds: list[int], max_new_tokens: int, batch_size: int,
+                 temperature: float, max_length: int, max_prompt_length: int, progress: str) -> tuple[dict, list[dict]]:
+    """The evaluate stage's protocol on one evaluation set: a sample per prompt for every sampling seed.
+    -> the set's summary (Rouge-L per seed, their mean and std, then every measurement above) and the prediction
+    rows (one per example and seed)."""
+    prompts = [build_prompt(r["instruction"], r["context"]) for r in records]
+    rows, per_seed, by_length, words = [], {}, [], []
+    distinct = {n: [] for n in DISTINCT_N}
+    for seed in seeds:
+        responses, _ = generate_responses(
+            model, tokenizer, prompts, seed=seed, max_new_tokens=max_new_tokens,
+            batch_size=batch_size, temperature=temperature, progress=f"{progress} seed {seed}",
+        )
+        scores = score_records(records, responses)
+        per_seed[str(seed)] = statistics.fmean(scores)
+        by_length.append(rouge_by_length([r["response"] for r in records], scores))
+        words.append(mean_words(responses))
+        for n in DISTINCT_N:
+            distinct[n].append(distinct_n(responses, n))
+        rows += [{"seed": seed, "instruction": r["instruction"], "context": r["context"], "response": text,
+                  "references": r["references"], "rouge_l": score}
+                 for r, text, score in zip(records, responses, scores)]
+    confidences, correct = gold_token_predictions(
+        model, tokenizer, records, max_length=max_length,
+        max_prompt_length=max_prompt_length, batch_size=batch_size,
+    )
+    values = list(per_seed.values())
+    summary = {
+        "rouge_l": statistics.fmean(values),
+        "rouge_l_std": statistics.pstdev(values),
+        "per_seed": per_seed,
+        # Buckets hold the same examples for every seed: average the per-seed bucket means.
+        "rouge_l_by_length": {
+            bucket: {"rouge_l": statistics.fmean(seed_buckets[bucket]["rouge_l"] for seed_buckets in by_length),
+                     "count": by_length[0][bucket]["count"]}
+            for bucket in by_length[0]
+        },
+        "response_words": statistics.fmean(words),
+        **{f"distinct_{n}": statistics.fmean(distinct[n]) for n in DISTINCT_N},
+        "ece": expected_calibration_error(confidences, correct),
+        "token_accuracy": float(correct.float().mean()),
+    }
+    return summary, rows

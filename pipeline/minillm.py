@@ -1,15 +1,16 @@
 """MiniLLM recipe (Gu et al. 2023, Algorithm 1; spec §4): policy-gradient reverse-KL distillation.
 
-    repeat until `steps` optimiser steps:
-        sample a round of prompts; roll out responses from p~ = alpha p + (1 - alpha) q_old   (teacher-mixed)
-        w_t, r_t, A_t from the rollout (importance weights, rewards, detached advantages)    (pipeline.minillm_loss)
-        save the rollout buffer
-        for `inner_epochs` epochs, for each mini-batch of the buffer, one optimiser step on
-            L = L_single + L_long + pt_coef * L_PT
-              L_single = sum_t w_t KL(q_theta || p) at each response position           (exact, over the vocabulary)
-              L_long   = PPO-clipped  -A_t rho_t,  rho_t = q_theta(y_t) / q_old(y_t) * w_t
-              L_PT     = LM loss on a pre-training block batch (optionally mixed with teacher KD, official code)
-        every `eval_every` steps: validation Rouge-L and the reverse KL of pure-student samples; keep the best
+    until `steps` optimiser steps:                                                          (train_minillm)
+        for each round:                                                                     (collect_round)
+            sample a round of prompts; roll out responses from p~ = alpha p + (1 - alpha) q_old   (teacher-mixed)
+            w_t, r_t, A_t from the rollout (importance weights, rewards, detached advantages) (pipeline.minillm_loss)
+            save the rollout buffer
+            for each of `inner_epochs` epochs, for each mini-batch of the buffer:            (update_step)
+                one optimiser step on L = L_single + L_long + pt_coef * L_PT
+                  L_single = sum_t w_t KL(q_theta || p) at each response position      (exact, over the vocabulary)
+                  L_long   = PPO-clipped  -A_t rho_t,  rho_t = q_theta(y_t) / q_old(y_t) * w_t
+                  L_PT     = LM loss on a pre-training block batch (optionally mixed with teacher KD, official code)
+                every `eval_every` steps: validation Rouge-L and the reverse KL of pure-student samples; keep the best
 
 L_single and L_long are normalised by the global response-token count of the step, L_PT by its token count.
 """
@@ -192,6 +193,88 @@ def validate(student, teacher, tokenizer, valid_records, config: MiniLLMMethod, 
     }
 
 
+def collect_round(student, teacher, tokenizer, train_prompts, config: MiniLLMMethod, rng, rollout_generator,
+                  dist: engine.Dist, round_index: int, step: int, seed: int, rollout_dir: Path | None):
+    """Steps 1-2 of a round: roll out responses from the teacher-mixed policy (both models KV-cached), then the
+    importance weights, rewards and detached advantages that stay constant through the round's updates. The main rank
+    saves the round to `rollout_dir`. -> (this rank's buffer, the round's diagnostics, tokens generated on all ranks)."""
+    round_started = time.perf_counter()
+    local_rollouts = config.rollouts_per_round // dist.world_size
+    chosen = rng.choice(len(train_prompts), size=config.rollouts_per_round, replace=False)
+    local = chosen[dist.rank * local_rollouts : (dist.rank + 1) * local_rollouts]
+    prompt_ids, prompt_mask = left_pad([train_prompts[i] for i in local], tokenizer.pad_token_id)
+    generator_state = rollout_generator.get_state()
+    checkpoint_hash = state_hash(student)
+    rollout = sample(
+        student, prompt_ids.to(dist.device), prompt_mask.to(dist.device), max_new_tokens=config.max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=rollout_generator,
+        teacher=teacher, teacher_mix=config.teacher_mix,
+    )
+    buffer = make_buffer(rollout, config)
+    generated = int(engine.global_sum(float(rollout.response_mask.sum()), dist.device))
+    round_stats = rollout_diagnostics(buffer, config.teacher_mix)
+    round_stats["rollout/tokens_per_s"] = generated / (time.perf_counter() - round_started)
+    if dist.is_main:
+        atomic_torch_save(
+            {"round": round_index, "step": step, "seed": seed, "rank": dist.rank, "checkpoint_sha256": checkpoint_hash,
+             "generator_state": generator_state, "prompt_indices": torch.from_numpy(local),
+             # Left out: d floats per token would dwarf the five scalars per token kept here, and running the teacher
+             # on the saved tokens gives them back.
+             "rollout": {k: v for k, v in vars(rollout).items() if k != "teacher_hidden"},
+             "weights": buffer.weights, "rewards": buffer.rewards, "advantages": buffer.advantages},
+            rollout_dir / f"round_{round_index:04d}.pt",
+        )
+    return buffer, round_stats, generated
+
+
+def update_step(model_engine, teacher, buffer: RolloutBuffer, step_rows: np.ndarray, pt_blocks: torch.Tensor, rng,
+                config: MiniLLMMethod, dist: engine.Dist) -> dict[str, float]:
+    """Step 3, one optimiser step on one mini-batch of the buffer: L = L_single + L_long + pt_coef L_PT, each part
+    normalised by its global token count. -> the step's parts summed over ranks, the counts and the gradient norm."""
+    world, device = dist.world_size, dist.device
+    grad_accum = model_engine.gradient_accumulation_steps()
+    micro = [step_rows[i : i + config.micro_batch_size] for i in range(0, len(step_rows), config.micro_batch_size)]
+    response_tokens = engine.global_sum(float(buffer.rollout.response_mask[step_rows].sum()), device)
+    # Drawn identically on every rank, then each rank takes its own rows.
+    pt_rows_per_micro = max(1, config.pt_batch_size // (grad_accum * world))
+    pt_rows = rng.integers(0, len(pt_blocks), size=(world, grad_accum, pt_rows_per_micro))[dist.rank]
+    pt_tokens = float(world * pt_rows.size * (pt_blocks.shape[1] - 1))
+
+    def micro_loss(micro_batch):
+        rows, pt_indices = micro_batch
+        sums = surrogate_sums(model_engine, teacher, buffer, torch.from_numpy(rows), config)
+        # With a zero coefficient the PT loss is only logged: its backward would add zeros, at full cost.
+        with torch.set_grad_enabled(config.pt_coef > 0):
+            pt_sum = pt_loss_sum(model_engine, teacher, pt_blocks[pt_indices].to(device), config.pt_teacher_kd_ratio)
+        # Already the step's global mean (its parts have different token counts), so normalised by 1 below.
+        loss = (sums["single"] + sums["long"]) / response_tokens
+        if config.pt_coef > 0:
+            loss = loss + config.pt_coef * pt_sum / pt_tokens
+        return loss, {"single": sums["single"], "long": sums["long"], "clipped": sums["clipped"],
+                      "entropy": sums["entropy"], "pt": pt_sum}
+
+    sums, grad_norm = engine.optimizer_step(model_engine, list(zip(micro, pt_rows)), micro_loss, 1.0, world)
+    totals = {name: engine.global_sum(value, device) for name, value in sums.items()}
+    return totals | {"response_tokens": response_tokens, "pt_tokens": pt_tokens, "grad_norm": grad_norm}
+
+
+def step_metrics(totals: dict[str, float], model_engine, config: MiniLLMMethod, seconds: float, round_stats: dict) -> dict:
+    response_tokens, pt_tokens = totals["response_tokens"], totals["pt_tokens"]
+    metrics = {
+        "loss/single_step": totals["single"] / response_tokens,
+        "loss/long_term": totals["long"] / response_tokens,
+        "loss/pt": totals["pt"] / pt_tokens,
+        "train/clip_fraction": totals["clipped"] / response_tokens,
+        "train/entropy": totals["entropy"] / response_tokens,
+        "train/lr": model_engine.get_lr()[0],
+        "train/grad_norm": totals["grad_norm"],
+        "train/tokens_per_s": (response_tokens + pt_tokens) / seconds,
+        **round_stats,
+    }
+    metrics["loss/total"] = metrics["loss/single_step"] + metrics["loss/long_term"] + config.pt_coef * metrics["loss/pt"]
+    return metrics
+
+
 def train_minillm(
     *,
     student: torch.nn.Module,
@@ -210,9 +293,8 @@ def train_minillm(
 ) -> MiniLLMResult:
     world, device = dist.world_size, dist.device
     grad_accum = engine.accumulation_steps(config.batch_size, config.micro_batch_size, world, "distill.minillm")
-    local_rollouts = config.rollouts_per_round // world
     local_batch = config.batch_size // world
-    pt_rows_per_micro = max(1, config.pt_batch_size // (grad_accum * world))
+    batches_per_epoch = config.rollouts_per_round // config.batch_size  # a whole number (pipeline/config.py)
     model_engine = engine.initialize(student, config.optimizer, config.steps, config.micro_batch_size, grad_accum, engine_config)
     teacher.eval()
     # Dropout stays off throughout: the PPO ratio q_theta / q_old must be exactly 1 before the first update.
@@ -221,16 +303,15 @@ def train_minillm(
     rng = np.random.default_rng(seed)
     rollout_generator = torch.Generator(device=device).manual_seed(seed * 1000 + dist.rank)
 
-    # Where the loop stands: optimiser steps, rounds, and inside the current round (None: sample a new one)
-    # the inner epoch, the next mini-batch's start in `order`, and this rank's rollout buffer.
-    step, round_index = 0, 0
-    buffer, order, inner_epoch, start = None, None, 0, 0
-    round_stats = {}  # diagnostics of the current round, logged with each of its steps
+    # Where the loops stand: the next mini-batch to train is (round_index, inner_epoch, first_batch); mid-round, the
+    # round's buffer and diagnostics and, mid-epoch, the epoch's order of the buffer come with it.
+    step, round_index, inner_epoch, first_batch = 0, 0, 0, 0
+    buffer, round_stats, order = None, {}, None
     if checkpointer.resume is not None:
         loop, mine = checkpointer.load(model_engine)
-        step, round_index, result = loop["step"], loop["round_index"], loop["result"]
-        order, inner_epoch, start, round_stats = loop["order"], loop["inner_epoch"], loop["start"], loop["round_stats"]
-        buffer = mine["buffer"]
+        step, result = loop["step"], loop["result"]
+        round_index, inner_epoch, first_batch = loop["position"]
+        round_stats, order, buffer = loop["round_stats"], loop["order"], mine["buffer"]
         rng.bit_generator.state = mine["generators"]["minillm"]
         rollout_generator.set_state(mine["generators"]["rollout"])
     else:
@@ -243,117 +324,81 @@ def train_minillm(
     wall_time_before, segment_started = result.wall_time_s, time.perf_counter()
 
     progress = tqdm(total=config.steps, initial=step, desc="distill minillm", disable=not dist.is_main)
-    while step < config.steps:
+    while step < config.steps:  # rounds
         if buffer is None:
-            # 1. Rollouts from the teacher-mixed policy, both models KV-cached.
-            round_started = time.perf_counter()
-            chosen = rng.choice(len(train_prompts), size=config.rollouts_per_round, replace=False)
-            local = chosen[dist.rank * local_rollouts : (dist.rank + 1) * local_rollouts]
-            prompt_ids, prompt_mask = left_pad([train_prompts[i] for i in local], tokenizer.pad_token_id)
-            generator_state = rollout_generator.get_state()
-            checkpoint_hash = state_hash(student)
-            rollout = sample(
-                student, prompt_ids.to(device), prompt_mask.to(device), max_new_tokens=config.max_new_tokens,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=rollout_generator,
-                teacher=teacher, teacher_mix=config.teacher_mix,
-            )
-            # 2. Importance weights, rewards and detached advantages: constants of this round's updates.
-            buffer = make_buffer(rollout, config)
-            generated = int(engine.global_sum(float(rollout.response_mask.sum()), device))
+            buffer, round_stats, generated = collect_round(student, teacher, tokenizer, train_prompts, config, rng,
+                                                           rollout_generator, dist, round_index, step, seed, rollout_dir)
             result.generated_tokens += generated
             # The teacher runs on every generated token while sampling, and only its LM head in the updates.
             result.teacher_forward_tokens += generated
-            round_stats = rollout_diagnostics(buffer, config.teacher_mix)
-            round_stats["rollout/tokens_per_s"] = generated / (time.perf_counter() - round_started)
-            if dist.is_main:
-                atomic_torch_save(
-                    {"round": round_index, "step": step, "seed": seed, "rank": dist.rank, "checkpoint_sha256": checkpoint_hash,
-                     "generator_state": generator_state, "prompt_indices": torch.from_numpy(local),
-                     # Left out: d floats per token would dwarf the five scalars per token kept here, and running
-                     # the teacher on the saved tokens gives them back.
-                     "rollout": {k: v for k, v in vars(rollout).items() if k != "teacher_hidden"},
-                     "weights": buffer.weights, "rewards": buffer.rewards, "advantages": buffer.advantages},
-                    rollout_dir / f"round_{round_index:04d}.pt",
-                )
-            inner_epoch, start, order = 0, 0, rng.permutation(len(buffer))
-
-        # 3. PPO-style inner epochs over the buffer, one optimiser step per mini-batch.
-        started = time.perf_counter()
-        step_rows = order[start : start + local_batch]
-        micro = [step_rows[i : i + config.micro_batch_size] for i in range(0, len(step_rows), config.micro_batch_size)]
-        response_tokens = engine.global_sum(float(buffer.rollout.response_mask[step_rows].sum()), device)
-        # Drawn identically on every rank, then each rank takes its own rows.
-        pt_rows = rng.integers(0, len(pt_blocks), size=(world, grad_accum, pt_rows_per_micro))[dist.rank]
-        pt_tokens = float(world * pt_rows.size * (pt_blocks.shape[1] - 1))
-        parts = {"single": 0.0, "long": 0.0, "pt": 0.0, "clipped": 0.0, "entropy": 0.0}
-        for index, (rows, pt_indices) in enumerate(zip(micro, pt_rows)):
-            sums = surrogate_sums(model_engine, teacher, buffer, torch.from_numpy(rows), config)
-            # With a zero coefficient the PT loss is only logged: its backward would add zeros, at full cost.
-            with torch.set_grad_enabled(config.pt_coef > 0):
-                pt_sum = pt_loss_sum(model_engine, teacher, pt_blocks[pt_indices].to(device), config.pt_teacher_kd_ratio)
-            loss = (sums["single"] + sums["long"]) / response_tokens
-            if config.pt_coef > 0:
-                loss = loss + config.pt_coef * pt_sum / pt_tokens
-            model_engine.backward(loss * (model_engine.gradient_accumulation_steps() * world))
-            if index == len(micro) - 1:
-                norm = engine.grad_norm_before_step(model_engine)
-            model_engine.step()
-            for part in ("single", "long", "clipped", "entropy"):
-                parts[part] += sums[part].item()
-            parts["pt"] += pt_sum.item()
-        step += 1
-        start += local_batch
-        if start >= len(buffer):
-            inner_epoch, start = inner_epoch + 1, 0
-            if inner_epoch < config.inner_epochs:
+        for inner_epoch in range(inner_epoch, config.inner_epochs):
+            if step == config.steps:
+                break
+            if first_batch == 0:
                 order = rng.permutation(len(buffer))
-            else:
-                buffer, round_index = None, round_index + 1
-
-        totals = {k: engine.global_sum(v, device) for k, v in parts.items()}
-        metrics = {
-            "loss/single_step": totals["single"] / response_tokens,
-            "loss/long_term": totals["long"] / response_tokens,
-            "loss/pt": totals["pt"] / pt_tokens,
-            "train/clip_fraction": totals["clipped"] / response_tokens,
-            "train/entropy": totals["entropy"] / response_tokens,
-            "train/lr": model_engine.get_lr()[0],
-            "train/grad_norm": engine.grad_norm_after_step(model_engine, norm),
-            "train/tokens_per_s": (response_tokens + pt_tokens) / (time.perf_counter() - started),
-            **round_stats,
-        }
-        metrics["loss/total"] = metrics["loss/single_step"] + metrics["loss/long_term"] + config.pt_coef * metrics["loss/pt"]
-        bad_part = checkpoint.first_nonfinite(
-            {"single_step": metrics["loss/single_step"], "long_term": metrics["loss/long_term"], "pt": metrics["loss/pt"],
-             "grad_norm": metrics["train/grad_norm"]}
-        )
-        if bad_part is not None:
-            result.skipped_steps = checkpoint.skip_or_stop(
-                "distill.minillm", step, bad_part, result.skipped_steps, checkpointer.max_nonfinite_skips
-            )
-        else:
-            result.response_tokens_trained += int(response_tokens)
-            result.train_curve.append({"step": step, **{k.replace("/", "_"): v for k, v in metrics.items()}})
-            log_metrics(metrics, step)
-            progress.set_postfix(reward=f"{round_stats['rollout/reward_mean']:.2f}")
-        progress.update(1)
-        if step % config.eval_every == 0 or step == config.steps:
-            scores = validate(model_engine.module, teacher, tokenizer, valid_records, config, seed, device)
-            result.valid_curve.append({"step": step, "valid_rouge_l": scores["valid/rouge_l"],
-                                       "valid_reverse_kl": scores["valid/reverse_kl_sequence"]})
-            log_metrics(scores, step)
-            if scores["valid/rouge_l"] > result.best_rouge_l:
-                result.best_rouge_l, result.best_state = scores["valid/rouge_l"], cpu_state(model_engine.module)
-        result.wall_time_s = wall_time_before + time.perf_counter() - segment_started
-        if checkpointer.due(step) and step < config.steps:
-            checkpointer.save(
-                model_engine, step,
-                {"step": step, "round_index": round_index, "result": result, "order": order, "inner_epoch": inner_epoch,
-                 "start": start, "round_stats": round_stats},
-                {"buffer": buffer, "generators": {"minillm": rng.bit_generator.state, "rollout": rollout_generator.get_state()}},
-            )
+            for batch in range(first_batch, batches_per_epoch):
+                if step == config.steps:
+                    break
+                started = time.perf_counter()
+                totals = update_step(model_engine, teacher, buffer, order[batch * local_batch : (batch + 1) * local_batch],
+                                     pt_blocks, rng, config, dist)
+                step += 1
+                metrics = step_metrics(totals, model_engine, config, time.perf_counter() - started, round_stats)
+                record_step(result, metrics, step, int(totals["response_tokens"]), checkpointer, log_metrics, progress)
+                if step % config.eval_every == 0 or step == config.steps:
+                    scores = validate(model_engine.module, teacher, tokenizer, valid_records, config, seed, device)
+                    result.valid_curve.append({"step": step, "valid_rouge_l": scores["valid/rouge_l"],
+                                               "valid_reverse_kl": scores["valid/reverse_kl_sequence"]})
+                    log_metrics(scores, step)
+                    if scores["valid/rouge_l"] > result.best_rouge_l:
+                        result.best_rouge_l, result.best_state = scores["valid/rouge_l"], cpu_state(model_engine.module)
+                result.wall_time_s = wall_time_before + time.perf_counter() - segment_started
+                if checkpointer.due(step) and step < config.steps:
+                    # Saved with the position of the next mini-batch: the last of an epoch moves on to the next epoch,
+                    # the last of a round to the next round, which needs no buffer.
+                    position = (round_index, inner_epoch, batch + 1)
+                    if batch + 1 == batches_per_epoch:
+                        position = (round_index, inner_epoch + 1, 0)
+                    if position[1] == config.inner_epochs:
+                        position = (round_index + 1, 0, 0)
+                    mid_round = position[0] == round_index
+                    checkpointer.save(
+                        model_engine, step,
+                        {"step": step, "result": result, "position": position, "round_stats": round_stats if mid_round else {},
+                         "order": order if position[2] > 0 else None},
+                        {"buffer": buffer if mid_round else None,
+                         "generators": {"minillm": rng.bit_generator.state, "rollout": rollout_generator.get_state()}},
+                    )
+            first_batch = 0
+        buffer, round_index, inner_epoch = None, round_index + 1, 0
     progress.close()
     return result
+
+
+def record_step(result: MiniLLMResult, metrics: dict, step: int, response_tokens: int, checkpointer: Checkpointer,
+                log_metrics, progress) -> None:
+    """Stop or skip a non-finite step (checkpoint.max_nonfinite_skips); otherwise add it to the curve and log it."""
+    bad_part = checkpoint.first_nonfinite(
+        {"single_step": metrics["loss/single_step"], "long_term": metrics["loss/long_term"], "pt": metrics["loss/pt"],
+         "grad_norm": metrics["train/grad_norm"]}
+    )
+    if bad_part is not None:
+        result.skipped_steps = checkpoint.skip_or_stop("distill.minillm", step, bad_part, result.skipped_steps,
+                                                       checkpointer.max_nonfinite_skips)
+    else:
+        result.response_tokens_trained += response_tokens
+        result.train_curve.append({"step": step, **{k.replace("/", "_"): v for k, v in metrics.items()}})
+        log_metrics(metrics, step)
+        progress.set_postfix(reward=f"{metrics['rollout/reward_mean']:.2f}")
+    progress.update(1)
+
+
+def summarize_minillm(result: MiniLLMResult) -> dict:
+    return {"best_valid_rouge_l": result.best_rouge_l, "steps": len(result.train_curve),
+            "skipped_steps": result.skipped_steps, "wall_time_s": result.wall_time_s,
+            "response_tokens_trained": result.response_tokens_trained, "generated_tokens": result.generated_tokens,
+            "teacher_forward_tokens": result.teacher_forward_tokens,
+            "final_reward_mean": result.train_curve[-1]["rollout_reward_mean"]}
 
 
 def atomic_torch_save(obj, path: Path) -> None:

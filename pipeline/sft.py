@@ -164,21 +164,16 @@ def train_sft(
         ]
         local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
         global_tokens = engine.global_sum(local_tokens, dist.device)
-        step_loss, part_sums = 0.0, {}
-        for index, batch in enumerate(micro_batches):
+
+        def micro_loss(batch):
             parts, _ = response_token_loss_parts(model_engine, batch, kd)
             loss_sum = parts["ce"] if kd is None else (1.0 - kd.ratio) * parts["ce"] + kd.ratio * parts["kd"]
-            model_engine.backward(engine.scale_for_global_mean(loss_sum, global_tokens, model_engine, world))
-            if index == len(micro_batches) - 1:
-                norm = engine.grad_norm_before_step(model_engine)
-            model_engine.step()
-            step_loss += loss_sum.item()
-            for name, value in parts.items():
-                part_sums[name] = part_sums.get(name, 0.0) + value.item()
+            return loss_sum, {"loss": loss_sum, **parts}
+
+        sums, grad_norm = engine.optimizer_step(model_engine, micro_batches, micro_loss, global_tokens, world)
         step += 1
-        step_loss = engine.global_sum(step_loss, dist.device) / global_tokens
-        grad_norm = engine.grad_norm_after_step(model_engine, norm)
-        checked = {name: engine.global_sum(value, dist.device) for name, value in part_sums.items()} | {"grad_norm": grad_norm}
+        step_loss = engine.global_sum(sums.pop("loss"), dist.device) / global_tokens
+        checked = {name: engine.global_sum(value, dist.device) for name, value in sums.items()} | {"grad_norm": grad_norm}
         bad_part = checkpoint.first_nonfinite(checked)
         if bad_part is not None:
             result.skipped_steps = checkpoint.skip_or_stop(stage_key, step, bad_part, result.skipped_steps,
@@ -236,15 +231,24 @@ class SFTInputs:
     valid_records: list[dict]
 
 
-def load_sft_inputs(train_split_path: str = "data/tokenized/train.npz") -> SFTInputs:
+def add_sft_input_arguments(parser) -> None:
+    """The command-line arguments of every stage that trains on instruction data (dvc.yaml passes the paths)."""
+    parser.add_argument("--tokenizer", required=True, help="the tokenizer directory")
+    parser.add_argument("--train", required=True, help="the tokenized training split (.npz)")
+    parser.add_argument("--valid", required=True, help="the tokenized validation split (.npz): validation loss")
+    parser.add_argument("--valid-records", required=True, help="the validation records (.jsonl): validation Rouge-L")
+
+
+def load_sft_inputs(arguments) -> SFTInputs:
+    """What add_sft_input_arguments names, loaded."""
     from pipeline.data import read_jsonl
     from pipeline.models import load_tokenizer
 
     return SFTInputs(
-        tokenizer=load_tokenizer("data/tokenizer"),
-        train_split=TokenizedSplit.load(train_split_path),
-        valid_split=TokenizedSplit.load("data/tokenized/valid.npz"),
-        valid_records=read_jsonl("data/instructions/valid.jsonl"),
+        tokenizer=load_tokenizer(arguments.tokenizer),
+        train_split=TokenizedSplit.load(arguments.train),
+        valid_split=TokenizedSplit.load(arguments.valid),
+        valid_records=read_jsonl(arguments.valid_records),
     )
 
 

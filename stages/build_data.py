@@ -1,65 +1,26 @@
 """DVC stage `build_data`: instruction splits, evaluation sets, tokenizer, tokenized arrays, PT blocks.
 
-Writes one directory, data/, atomically:
+Writes one directory (--out: data/), atomically:
   instructions/{train,valid}.jsonl   eval/<set>.jsonl   tokenizer/   tokenized/{train,valid}.npz
   pretrain/blocks.npy   stats.json
 """
 
+import argparse
+
 import numpy as np
 
-from pipeline import data, synthetic
+from pipeline import data
 from pipeline.config import ConfigError, exit_on_user_error, load_params
 from pipeline.dvc_stages import declaration
 from pipeline.io import atomic_directory, atomic_write_json, atomic_write_jsonl, write_checksums
-from pipeline.models import load_tokenizer
+from pipeline.sources import load_instruction_splits, pretrain_documents, shared_tokenizer
 from pipeline.tracking import StageRun
 
 
-def load_instruction_splits(params):
-    """-> train, valid, {eval set: records}. Synthetic gives all five slots; Dolly/JSONL give DollyEval plus the
-    sets listed in data.eval_sets."""
-    config = params.data
-    if config.source == "synthetic":
-        suite = synthetic.build_suite(
-            params.seed, config.synthetic.n_train, config.synthetic.n_valid, config.synthetic.n_per_eval_set
-        )
-        eval_sets = {name: suite[name] for name in synthetic.EVAL_SETS}
-        return suite["train"], suite["valid"], eval_sets, 0
-    if config.source == "jsonl":
-        numbered = data.read_jsonl_numbered(config.jsonl_path)
-        raw, line_numbers = [record for _, record in numbered], [line for line, _ in numbered]
-        records, dropped_empty = data.validate_dolly_records(raw, config.jsonl_path, line_numbers)
-    else:
-        records, dropped_empty = data.validate_dolly_records(data.load_dolly_from_hub(), "databricks/databricks-dolly-15k")
-    train, valid, test = data.split_records(records, config.valid_size, config.test_size, params.seed)
-    eval_sets = {"dollyeval": test}
-    for name, source in config.eval_sets.items():
-        if source == "hub":
-            eval_sets[name], dropped = data.load_eval_set_from_hub(name)
-        else:
-            eval_sets[name], dropped = data.eval_set_records(data.read_jsonl(source), name, source)
-        print(f"build_data: {name}: {len(eval_sets[name])} records from {source} ({dropped} dropped: no gold response "
-              "of the required length)")
-    return train, valid, eval_sets, dropped_empty
-
-
-def pretrain_documents(params) -> list[str]:
-    corpus = params.data.pretrain
-    if corpus.source == "synthetic":
-        return synthetic.build_pretrain_corpus(params.seed, corpus.n_documents)
-    return data.read_pretrain_documents(corpus.source, corpus.path, corpus.n_documents)
-
-
-def shared_tokenizer(params, train: list[dict], documents: list[str]):
-    """The pretrained teacher's tokenizer, else a byte-level BPE trained on our data. Each pretrained student
-    is checked against it, by vocabulary, in its pretrain_student stage."""
-    if params.models.teacher.name_or_path:
-        return load_tokenizer(params.models.teacher.name_or_path)
-    texts = [data.build_prompt(r["instruction"], r["context"]) + r["response"] for r in train] + documents
-    return data.train_bpe_tokenizer(texts, params.data.tokenizer_vocab_size)
-
-
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True, help="the data directory to write")
+    arguments = parser.parse_args()
     params = load_params()
     config = params.data
     with StageRun("build_data", declaration("build_data").params) as run:
@@ -68,7 +29,7 @@ def main() -> None:
         tokenizer = shared_tokenizer(params, train, documents)
 
         stats = {"dropped_empty_response": dropped_empty, "vocab_size": len(tokenizer), "vocab_hash": data.vocabulary_hash(tokenizer)}
-        with atomic_directory("data") as out:
+        with atomic_directory(arguments.out) as out:
             tokenizer.save_pretrained(out / "tokenizer")
             write_checksums(out / "tokenizer")
             (out / "tokenized").mkdir()

@@ -7,6 +7,7 @@ It writes metrics/teacher_generate.json (tokens the teacher sampled, wall time):
 this generation.
 """
 
+import argparse
 import time
 
 import torch
@@ -22,14 +23,21 @@ from pipeline.tracking import StageRun
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokenizer", required=True, help="the tokenizer directory")
+    parser.add_argument("--teacher", required=True, help="the SFT teacher")
+    parser.add_argument("--prompts", required=True, help="the training records (.jsonl) whose prompts the teacher answers")
+    parser.add_argument("--out", required=True, help="the directory to write: train.jsonl and its tokenized train.npz")
+    parser.add_argument("--metrics", required=True, help="the metrics file to write (.json)")
+    arguments = parser.parse_args()
     params = load_params()
     config = params.distill.seqkd
     engine.seed_everything(params.seed)
     device = torch.device(params.engine.device)
     with StageRun("teacher_generate", declaration("teacher_generate").params) as run:
-        tokenizer = load_tokenizer("data/tokenizer")
-        teacher = load_model("models/teacher/sft", engine.dtype_of(params.engine)).to(device)
-        records = read_jsonl("data/instructions/train.jsonl")
+        tokenizer = load_tokenizer(arguments.tokenizer)
+        teacher = load_model(arguments.teacher, engine.dtype_of(params.engine)).to(device)
+        records = read_jsonl(arguments.prompts)
         prompts = [build_prompt(r["instruction"], r["context"]) for r in records]
         started = time.perf_counter()
         responses, generated_tokens = generate_responses(
@@ -44,14 +52,14 @@ def main() -> None:
         split, kept, _ = tokenize_records(tokenizer, teacher_records, params.data.max_length, params.data.max_prompt_length)
         if not kept:
             raise ConfigError(f"teacher_generate: every prompt is over data.max_prompt_length ({params.data.max_prompt_length})")
-        with atomic_directory("teacher_data") as out:
+        with atomic_directory(arguments.out) as out:
             atomic_write_jsonl(out / "train.jsonl", kept)
             split.save(out / "train.npz")
         metrics = {"examples": len(kept), "empty_responses": len(records) - len(teacher_records),
                    "mean_response_words": sum(len(r["response"].split()) for r in kept) / len(kept),
                    "generated_tokens": generated_tokens, "wall_time_s": wall_time_s}
         run.log_metrics(metrics)
-        atomic_write_json("metrics/teacher_generate.json", metrics)
+        atomic_write_json(arguments.metrics, metrics)
         print(f"teacher_generate: {len(kept)} teacher responses ({len(records) - len(teacher_records)} empty dropped)")
 
 

@@ -23,7 +23,7 @@ from pipeline.config import Architecture, ConfigError, exit_on_user_error
 from pipeline.models import build_gpt2, load_model, load_tokenizer, save_checkpoint, save_pointer
 from stages import build_data
 from tests.test_config import REPO
-from tests.workspace import DVC_PROJECT_FILES, dvc_project
+from tests.workspace import DVC_PROJECT_FILES, dvc_project, stage_command
 
 GOOD = {"instruction": "Name a city.", "context": "", "response": "Paris is one.", "category": "open_qa"}
 
@@ -166,6 +166,7 @@ def run_build_data_in_process(tmp_path, monkeypatch, capsys, store_uri, jsonl: b
     dvc_project(tmp_path)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri)
+    monkeypatch.setattr(sys, "argv", stage_command("build_data", tmp_path)[2:])
     capsys.readouterr()
     with pytest.raises(SystemExit) as exited:
         exit_on_user_error(build_data.main)
@@ -214,7 +215,7 @@ def test_build_data_into_a_read_only_directory(tmp_path, store_uri):
     (work / "dolly.jsonl").write_bytes(lines_of([GOOD] * 8))
     write_params(work)
     dvc_project(work)
-    command = [sys.executable, "-m", "stages.build_data"]
+    command = stage_command("build_data", work)
     if os.geteuid() == 0:  # root writes through permissions; without CAP_DAC_OVERRIDE it is bound by them
         if shutil.which("setpriv") is None:
             pytest.skip("running as root without setpriv to drop CAP_DAC_OVERRIDE")
@@ -239,10 +240,11 @@ def test_build_data_on_a_full_disk(tmp_path, store_uri):
     write_params(work)
     dvc_project(work)
     fill_disk_then_run = (
-        "import errno, os, runpy\n"
+        "import errno, os, runpy, sys\n"
         "def full(fd):\n"
         "    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))\n"
         "os.fsync = full\n"
+        f"sys.argv = {stage_command('build_data', work)[2:]!r}\n"
         "runpy.run_module('stages.build_data', run_name='__main__')\n"
     )
     completed = subprocess.run(

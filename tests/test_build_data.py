@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-import sys
 
 import numpy as np
 import yaml
@@ -10,7 +9,7 @@ from transformers import AutoTokenizer
 
 from pipeline.data import TokenizedSplit
 from tests.test_config import REPO
-from tests.workspace import dvc_project
+from tests.workspace import dvc_project, stage_command
 
 RECORDS = [
     {"instruction": f"Question {i}: who wrote “Les Misérables”?", "context": "Victor Hugo, 1862.\nA novel." if i % 2 else "",
@@ -29,7 +28,7 @@ def run_build_data(tmp_path, lines: list[str], eval_sets: dict | None = None):
     dvc_project(tmp_path)
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
            "HOME": str(tmp_path)}
-    return subprocess.run([sys.executable, "-m", "stages.build_data"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    return subprocess.run(stage_command("build_data", tmp_path), cwd=tmp_path, env=env, capture_output=True, text=True)
 
 
 def test_jsonl_source_builds_splits_with_the_spec_tokenization(tmp_path):

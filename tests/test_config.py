@@ -65,7 +65,7 @@ def test_bad_params_name_the_key(tmp_path, edit, message):
 def test_stage_prints_one_line_and_exits_2(tmp_path):
     write_params(tmp_path, lambda p: p["data"].update(max_lenght=10))
     completed = subprocess.run(
-        [sys.executable, "-m", "stages.check_params"], cwd=tmp_path, capture_output=True, text=True,
+        [sys.executable, "-m", "stages.check_params", "--out", "checks/params.ok"], cwd=tmp_path, capture_output=True, text=True,
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
     )
     assert completed.returncode == 2
@@ -128,7 +128,8 @@ def test_check_params_stage_rejects_an_unreachable_model_in_one_line(tmp_path):
     write_params(tmp_path, lambda p: p["models"]["teacher"].update(arch=None, name_or_path="no-org/no-model"))
     started = time.monotonic()
     completed = subprocess.run(
-        [sys.executable, "-m", "stages.check_params"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "stages.check_params", "--out", "checks/params.ok"], cwd=tmp_path, capture_output=True,
+        text=True, timeout=120,
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:1",
              "HF_HUB_CACHE": str(tmp_path / "empty-cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"},
     )

@@ -45,7 +45,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from pipeline.data import build_prompt
-from tests.workspace import copy_sources, run
+from tests.workspace import copy_sources, run, stage_command
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_CONFIG = REPO / "configs" / "paper-gpt2.yaml"
@@ -222,8 +222,7 @@ def test_paper_config_runs_end_to_end_on_gpt2_shapes(tmp_path):
     save_random_gpt2(GPT2_XL, tokenizer, teacher_dir, seed=1)
     minillm_metrics = workdir / "metrics" / "distill" / "minillm" / f"{student}-seed{seed}.json"
     minillm_metrics.unlink()
-    run([sys.executable, "-m", "stages.distill", "--method", "minillm", "--student", student, "--seed", str(seed)],
-        workdir, env)
+    run(stage_command(f"distill_minillm@{student}-{seed}", workdir), workdir, env)
     metrics = json.loads(minillm_metrics.read_text())
     assert finite_numbers(metrics) and metrics["steps"] == 2 and metrics["teacher_forward_tokens"] > 0, metrics
     assert (workdir / "models" / student / f"seed{seed}" / "minillm" / "model" / "model.safetensors").is_file()

@@ -12,7 +12,9 @@ import pandas as pd
 import pytest
 from dvc.repo import Repo
 
-from stages import report
+from pipeline import report
+from stages import report as report_stage
+from tests.workspace import stage_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,8 +57,14 @@ def fake_metrics_tree(root: Path) -> None:
                     "teacher_forward_tokens": 60, "wall_time_s": 30.0})
 
 
-def eval_files(metrics_root: Path) -> list[Path]:
-    return sorted((metrics_root / "eval").glob("*.json"))
+def eval_files(metrics_root: Path) -> list[report.EvalMetrics]:
+    return [report.EvalMetrics.read(path) for path in sorted((metrics_root / "eval").glob("*.json"))]
+
+
+def training_files(metrics_root: Path) -> report.TrainingMetrics:
+    return report.TrainingMetrics(init_student=metrics_root / "init_student", distill=metrics_root / "distill",
+                                  train_teacher=metrics_root / "train_teacher.json",
+                                  teacher_generate=metrics_root / "teacher_generate.json")
 
 
 @pytest.fixture
@@ -95,7 +103,7 @@ def test_table1_markdown_marks_the_best_student_per_column(metrics_root: Path):
 
 def test_costs_by_hand(metrics_root: Path):
     numbers = report.table1_numbers(report.long_results(eval_files(metrics_root)))
-    cost = report.costs(numbers, report.set_measurements(eval_files(metrics_root)), metrics_root).set_index("method")
+    cost = report.costs(numbers, report.set_measurements(eval_files(metrics_root)), training_files(metrics_root)).set_index("method")
     # SFT: 6 N trained, seeds 1 and 2: 6*1000*100 and 6*1000*200.
     assert cost.loc["sft", "flops"] == pytest.approx((600_000 + 1_200_000) / 2)
     assert cost.loc["sft", "wall_time_s"] == pytest.approx(15.0)
@@ -109,7 +117,7 @@ def test_costs_by_hand(metrics_root: Path):
 
 def test_cost_reports_missing_fields(metrics_root: Path):
     (metrics_root / "train_teacher.json").write_text("{}")
-    cost = report.training_cost(metrics_root, "S", 1, "minillm")
+    cost = report.training_cost(training_files(metrics_root), "S", 1, "minillm")
     assert pd.isna(cost["flops"])
     assert "train_teacher.json:parameters" in cost["missing"]
 
@@ -157,7 +165,11 @@ stages:
     cmd: "true"
     plots: [{plots/distill/minillm/S-seed1/train.csv: {cache: false}}, {plots/distill/minillm/S-seed1/valid.csv: {cache: false}}]
   report:
-    cmd: python -m stages.report
+    cmd: >-
+      python -m stages.report --eval-metrics metrics/eval --init-metrics metrics/init_student
+      --distill-metrics metrics/distill --teacher-metrics metrics/train_teacher.json
+      --generate-metrics metrics/teacher_generate.json --init-plots plots/init_student --distill-plots plots/distill
+      --out reports
     params: [evaluate.seeds, train_seeds]
 """
 
@@ -180,14 +192,15 @@ def test_report_stage_writes_every_file(metrics_root: Path, monkeypatch: pytest.
     Repo.init(no_scm=True).close()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir}/mlflow.db")
     monkeypatch.setenv("MINILLM_PIPELINE_ID", "report-test")
-    report.main()
+    monkeypatch.setattr("sys.argv", stage_command("report", workdir)[2:])
+    report_stage.main()
     assert set(pd.read_csv(workdir / "reports" / "results.csv")["train_seed"]) == {1, 2, 1234}
     averages = json.loads((workdir / "reports" / "summary.json").read_text())
     per_set = json.loads((workdir / "reports" / "summary_sets.json").read_text())
     assert averages == {"teacher": 41.0, "sft@S": 33.0, "minillm@S": 34.0}  # minillm: (28 + 40) / 2
     assert per_set["minillm@S"] == {"dollyeval": 28.0, "sni": 40.0}  # (25+27+29+31)/4, (38+40+40+42)/4
     valid = pd.read_csv(workdir / "plots" / "distill" / "minillm" / "S-seed1" / "valid.csv")
-    [(model, curve)] = report.validation_curves(report.current_outputs("plots/distill")).items()
+    [(model, curve)] = report.validation_curves([], report_stage.current_outputs("plots/distill")).items()
     assert model == "minillm@S"  # one training seed: its own curve
     assert curve.to_dict("list") == valid[["step", "valid_rouge_l"]].to_dict("list")
     for name in report.REPORT_FILES:
@@ -207,7 +220,8 @@ def test_validation_curves_average_training_seeds_by_step(tmp_path: Path, monkey
     sft.parent.mkdir(parents=True)
     sft.write_text("step,valid_loss,valid_rouge_l\n50,2.0,5.0\n")
     files = [p.relative_to(tmp_path) for p in sorted(tmp_path.rglob("*.csv"))]
-    curves = {model: curve.to_dict("list") for model, curve in report.validation_curves(files).items()}
+    init, distill = [f for f in files if f.parts[1] == "init_student"], [f for f in files if f.parts[1] == "distill"]
+    curves = {model: curve.to_dict("list") for model, curve in report.validation_curves(init, distill).items()}
     assert curves == {"kd@S": {"step": [100, 200], "valid_rouge_l": [12.0, 25.0]},
                       "sft@S": {"step": [50], "valid_rouge_l": [5.0]}}
 

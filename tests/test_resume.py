@@ -21,30 +21,29 @@ import yaml
 
 from pipeline import engine
 from pipeline.config import EngineConfig, Optimizer
-from tests.workspace import RUN_OUTPUTS, copy_sources
+from tests.workspace import RUN_OUTPUTS, copy_sources, stage_command
 
 REPO = Path(__file__).resolve().parents[1]
-SFT_STAGE, SFT_CMD = "init_student@tiny-1234", ["-m", "stages.init_student", "--student", "tiny", "--seed", "1234"]
-MINILLM_STAGE = "distill_minillm@tiny-1234"
-MINILLM_CMD = ["-m", "stages.distill", "--method", "minillm", "--student", "tiny", "--seed", "1234"]
+SFT_STAGE, MINILLM_STAGE = "init_student@tiny-1234", "distill_minillm@tiny-1234"
 # Wall-clock figures differ between any two runs; everything else must not.
 TIMING_KEYS = {"wall_time_s", "mean_tokens_per_s"}
 TIMING_COLUMNS = {"tokens_per_s", "train_tokens_per_s", "rollout_tokens_per_s"}
 
 
-def run_stage(workdir: Path, env: dict, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    completed = subprocess.run([sys.executable, *args], cwd=workdir, env=env, capture_output=True, text=True)
+def run_stage(workdir: Path, env: dict, stage: str, check: bool = True) -> subprocess.CompletedProcess:
+    """The stage's command as dvc.yaml declares it."""
+    completed = subprocess.run(stage_command(stage, workdir), cwd=workdir, env=env, capture_output=True, text=True)
     if check and completed.returncode != 0:
-        raise AssertionError(f"{args} failed ({completed.returncode}):\n{completed.stdout[-2000:]}\n{completed.stderr[-3000:]}")
+        raise AssertionError(f"{stage} failed ({completed.returncode}):\n{completed.stdout[-2000:]}\n{completed.stderr[-3000:]}")
     return completed
 
 
-def kill_when(workdir: Path, env: dict, args: list[str], marker: Path) -> None:
+def kill_when(workdir: Path, env: dict, stage: str, marker: Path) -> None:
     """Start the stage and SIGKILL it as soon as `marker` exists."""
-    process = subprocess.Popen([sys.executable, *args], cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(stage_command(stage, workdir), cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
     while not marker.exists():
-        assert process.poll() is None, f"{args} ended (status {process.returncode}) before {marker.name} appeared"
+        assert process.poll() is None, f"{stage} ended (status {process.returncode}) before {marker.name} appeared"
         assert time.monotonic() < deadline, f"{marker} never appeared"
         time.sleep(0.005)
     process.kill()
@@ -89,44 +88,45 @@ def workspace(tmp_path_factory):
     params["models"]["students"] = {"tiny": params["models"]["students"]["tiny"]}
     params["checkpoint"] = {"every_steps": 2, "max_nonfinite_skips": 0}
     params["init_student"]["epochs"] = 2  # 10 steps: resumes cross an epoch boundary
-    params["distill"]["minillm"]["steps"] = 10  # two rounds of 8 steps: resumes inside a round and at its start
+    # 4 mini-batches of 2 (micro-batches of 1) per inner epoch, 2 inner epochs: rounds of 8 steps; 10 steps cross
+    # a round boundary, and checkpoints every 2 steps fall mid-epoch, at an epoch boundary and at a round boundary.
+    params["distill"]["minillm"].update(steps=10, batch_size=2, micro_batch_size=1, inner_epochs=2)
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow-test.db'}", "OMP_NUM_THREADS": "2"}
     for inherited in ("DVC_ROOT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(inherited, None)
-    for args in (["-m", "stages.build_data"], ["-m", "stages.pretrain", "--model", "teacher"],
-                 ["-m", "stages.pretrain", "--model", "tiny"], ["-m", "stages.train_teacher"]):
-        run_stage(workdir, env, args)
-    run_stage(workdir, env, SFT_CMD)
+    for stage in ("build_data", "pretrain_teacher", "pretrain_student@tiny", "train_teacher"):
+        run_stage(workdir, env, stage)
+    run_stage(workdir, env, SFT_STAGE)
     reference = {SFT_STAGE: outputs(workdir, SFT_STAGE)}
-    run_stage(workdir, env, MINILLM_CMD)
+    run_stage(workdir, env, MINILLM_STAGE)
     reference[MINILLM_STAGE] = outputs(workdir, MINILLM_STAGE)
     return workdir, env, reference
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("stage", "args", "marker", "resumed_from"),
+    ("stage", "marker", "resumed_from"),
     [
         # Killed while step 4's checkpoint is being written: step 2's is the last whole one (4 if the rename won).
-        (SFT_STAGE, SFT_CMD, ".step_000004.tmp", {2, 4}),
-        # Killed right after step 6's checkpoint: in the second epoch.
-        (SFT_STAGE, SFT_CMD, "step_000006", {6}),
-        # MiniLLM inside its first round: the rollout buffer, inner epoch and position come from the checkpoint.
-        (MINILLM_STAGE, MINILLM_CMD, "step_000004", {4}),
+        (SFT_STAGE, ".step_000004.tmp", {2, 4}),
+        # MiniLLM in the middle of its first round's second inner epoch: the rollout buffer, the epoch's order of it
+        # and the position in it come from the checkpoint. (Every kind of position, for every recipe, is also
+        # resumed in-process in tests/test_recipes.py.)
+        (MINILLM_STAGE, "step_000006", {6}),
         # MiniLLM at a round boundary, killed mid-write of step 8: the next round's sampling depends on restored RNGs.
-        (MINILLM_STAGE, MINILLM_CMD, ".step_000008.tmp", {6, 8}),
+        (MINILLM_STAGE, ".step_000008.tmp", {6, 8}),
     ],
 )
-def test_kill_and_resume_is_bit_identical(workspace, stage, args, marker, resumed_from):
+def test_kill_and_resume_is_bit_identical(workspace, stage, marker, resumed_from):
     from mlflow import MlflowClient
 
     workdir, env, reference = workspace
     scratch = workdir / "scratch" / stage
-    kill_when(workdir, env, args, scratch / marker)
+    kill_when(workdir, env, stage, scratch / marker)
     killed_run_id = json.loads(next(scratch.glob("step_*/meta.json")).read_text())["run_id"]
 
-    rerun = run_stage(workdir, env, args)
+    rerun = run_stage(workdir, env, stage)
     resumed = [int(line.rsplit(" ", 1)[1]) for line in rerun.stdout.splitlines() if "resuming from step" in line]
     assert len(resumed) == 1 and resumed[0] in resumed_from, rerun.stdout[-2000:]
     assert outputs(workdir, stage) == reference[stage]
@@ -144,13 +144,13 @@ def test_kill_and_resume_is_bit_identical(workspace, stage, args, marker, resume
 def test_a_changed_param_discards_the_checkpoint(workspace):
     workdir, env, _ = workspace
     scratch = workdir / "scratch" / SFT_STAGE
-    kill_when(workdir, env, SFT_CMD, scratch / "step_000002")
+    kill_when(workdir, env, SFT_STAGE, scratch / "step_000002")
     original = (workdir / "params.yaml").read_text()
     params = yaml.safe_load(original)
     params["init_student"]["optimizer"]["lr"] = 0.003
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     try:
-        rerun = run_stage(workdir, env, SFT_CMD)
+        rerun = run_stage(workdir, env, SFT_STAGE)
     finally:
         (workdir / "params.yaml").write_text(original)
     assert "resuming" not in rerun.stdout
@@ -161,19 +161,20 @@ def test_a_changed_param_discards_the_checkpoint(workspace):
 @pytest.mark.slow
 def test_the_same_seed_twice_gives_bit_identical_metrics(workspace):
     workdir, env, reference = workspace
-    run_stage(workdir, env, SFT_CMD)
+    run_stage(workdir, env, SFT_STAGE)
     assert outputs(workdir, SFT_STAGE) == reference[SFT_STAGE]
 
 
-def run_in_process(workdir: Path, env: dict, monkeypatch, args: list[str]) -> None:
+def run_in_process(workdir: Path, env: dict, monkeypatch, stage: str) -> None:
     """The stage's main() in this process, so that a loss function can be monkeypatched."""
     import runpy
 
+    command = stage_command(stage, workdir)  # [python, -m, module, args...]
     monkeypatch.chdir(workdir)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
-    monkeypatch.setattr(sys, "argv", [args[1], *args[2:]])
+    monkeypatch.setattr(sys, "argv", command[2:])
     monkeypatch.setattr(engine, "teardown", lambda: None)  # keep this process's group for the other tests
-    runpy.run_module(args[1], run_name="not_main")["main"]()
+    runpy.run_module(command[2], run_name="not_main")["main"]()
 
 
 def nan_on_call(monkeypatch, module, name: str, bad_call: int, part: str | None = None) -> None:
@@ -205,11 +206,11 @@ def test_nan_stops_the_stage_and_keeps_the_last_good_checkpoint(workspace, monke
     # Two micro-batches per step: call 9 is step 5's first.
     nan_on_call(monkeypatch, sft, "response_token_loss_parts", bad_call=9, part="ce")
     with pytest.raises(NonFiniteLoss, match=r"^init_student: non-finite ce at step 5; stopped"):
-        run_in_process(workdir, env, monkeypatch, SFT_CMD)
+        run_in_process(workdir, env, monkeypatch, SFT_STAGE)
     assert sorted(p.name for p in scratch.iterdir()) == ["step_000004"]
     # The kept checkpoint is good: resuming from it ends exactly where the uninterrupted run did.
     monkeypatch.undo()
-    rerun = run_stage(workdir, env, SFT_CMD)
+    rerun = run_stage(workdir, env, SFT_STAGE)
     assert "resuming from step 4" in rerun.stdout
     assert outputs(workdir, SFT_STAGE) == reference[SFT_STAGE]
 
@@ -223,7 +224,7 @@ def test_nan_in_minillm_names_the_loss_part(workspace, monkeypatch):
     # One PT micro-batch per micro-step, two micro-steps per step: call 5 is in step 3.
     nan_on_call(monkeypatch, minillm, "pt_loss_sum", bad_call=5)
     with pytest.raises(NonFiniteLoss, match=r"^distill.minillm: non-finite pt at step 3; stopped"):
-        run_in_process(workdir, env, monkeypatch, MINILLM_CMD)
+        run_in_process(workdir, env, monkeypatch, MINILLM_STAGE)
     assert sorted(p.name for p in (workdir / "scratch" / MINILLM_STAGE).glob("step_*")) == ["step_000002"]
 
 
@@ -238,7 +239,7 @@ def test_max_nonfinite_skips_skips_the_bad_step(workspace, monkeypatch):
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     nan_on_call(monkeypatch, sft, "response_token_loss_parts", bad_call=3, part="ce")
     try:
-        run_in_process(workdir, env, monkeypatch, SFT_CMD)
+        run_in_process(workdir, env, monkeypatch, SFT_STAGE)
     finally:
         (workdir / "params.yaml").write_text(original)
     metrics = json.loads((workdir / "metrics/init_student/tiny-seed1234.json").read_text())
@@ -316,15 +317,15 @@ def test_two_ranks_under_zero_2_resume_bit_identically_and_leave_no_orphans(work
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     env = env | {"OMP_NUM_THREADS": "1"}
     try:
-        run_stage(workdir, env, SFT_CMD)
+        run_stage(workdir, env, SFT_STAGE)
         reference = outputs(workdir, SFT_STAGE)
-        kill_when(workdir, env, SFT_CMD, workdir / "scratch" / SFT_STAGE / "step_000004")
+        kill_when(workdir, env, SFT_STAGE, workdir / "scratch" / SFT_STAGE / "step_000004")
         deadline = time.monotonic() + 30
         while processes_running_in(workdir):
             assert time.monotonic() < deadline, "ranks of the killed stage are still running"
             time.sleep(0.1)
         assert (workdir / "scratch" / SFT_STAGE / "step_000004" / "rank1.pt").is_file()
-        rerun = run_stage(workdir, env, SFT_CMD)
+        rerun = run_stage(workdir, env, SFT_STAGE)
     finally:
         (workdir / "params.yaml").write_text(original)
     assert "resuming from step 4" in rerun.stdout

@@ -177,8 +177,61 @@ def test_negative_control_an_undeclared_file_access_is_reported(stages):
 
 
 def test_the_evaluate_matrix_covers_every_student_method_of_the_protocol(stages):
-    """dvc.yaml's `evaluate` matrix cannot read pipeline/config.py: its method list must match METHODS."""
+    """dvc.yaml's `evaluate` matrix cannot read pipeline/config.py: with evaluate_sft and evaluate_teacher, its method
+    list must match METHODS."""
     from pipeline.config import METHODS
 
     evaluated = {name.split("@")[1].split("-")[0] for name in stages if name.startswith("evaluate@")}
-    assert evaluated == set(METHODS) - {"teacher"} and "evaluate_teacher" in stages
+    assert evaluated | {"sft", "teacher"} == set(METHODS) and "sft" not in evaluated
+    assert "evaluate_teacher" in stages and any(name.startswith("evaluate_sft@") for name in stages)
+
+
+def undeclared_cmd_paths(stages: dict[str, tuple[str, set[PurePosixPath], set[PurePosixPath]]]) -> dict[str, list[str]]:
+    """{stage: the path arguments of its cmd (values of `--x` options holding a `/` or naming a dep or out) that are
+    neither among its deps and outs, nor inside one of them, nor the directory of outs it writes (its curves)}."""
+    problems = {}
+    for name, (cmd, deps, outs) in stages.items():
+        words = shlex.split(cmd)[3:]
+        values = [value for option, value in zip(words, words[1:]) if option.startswith("--")]
+        paths = [PurePosixPath(v) for v in values if "/" in v or PurePosixPath(v) in deps | outs]
+        gaps = sorted(str(path) for path in paths
+                      if not declared(path, deps | outs) and not any(path in out.parents for out in outs))
+        if gaps:
+            problems[name] = gaps
+    return problems
+
+
+def test_every_path_a_stage_is_given_is_declared(stages):
+    """dvc.yaml passes each stage its inputs and outputs in `cmd`: each must be a declared dep or out."""
+    assert undeclared_cmd_paths(stages) == {}
+    name, (cmd, deps, outs) = next((n, s) for n, s in stages.items() if n.startswith("distill_minillm@"))
+    assert "--pt-blocks data/pretrain/blocks.npy" in cmd
+    assert undeclared_cmd_paths({name: (cmd, deps - {PurePosixPath("data/pretrain")}, outs)}) == {
+        name: ["data/pretrain/blocks.npy"]}
+
+
+# The top-level directories of what the stages read and write: dvc.yaml names them, the code never does.
+ARTIFACT_ROOTS = ("data/", "models/", "metrics/", "plots/", "eval/", "reports/", "teacher_data", "checks/")
+
+
+def artifact_path_literals(files: list[Path]) -> list[str]:
+    """`file:line: literal` for each string constant (docstrings aside) that starts with an artifact directory."""
+    found = []
+    for path in files:
+        tree = ast.parse(path.read_text(), filename=str(path))
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                    and node.value.startswith(ARTIFACT_ROOTS)):
+                found.append(f"{path.relative_to(path.parents[1])}:{node.lineno}: {node.value!r}")
+    return found
+
+
+def test_no_stage_or_library_module_writes_an_artifact_path(tmp_path):
+    """dvc.yaml is the only place a path is written: stages take theirs as arguments, the library takes paths."""
+    assert artifact_path_literals(sorted((REPO / "pipeline").glob("*.py")) + sorted((REPO / "stages").glob("*.py"))) == []
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "x.py").write_text('"""Reads data/eval."""\nPATH = "data/tokenizer"\n')
+    assert artifact_path_literals([tmp_path / "stages" / "x.py"]) == ["stages/x.py:2: 'data/tokenizer'"]

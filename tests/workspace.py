@@ -1,7 +1,9 @@
 """Temporary copies of the repository for the tests that run real stages or `dvc repro` in them."""
 
+import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,3 +39,12 @@ def dvc_project(directory: Path) -> None:
 
     shutil.copy(REPO / "dvc.yaml", directory / "dvc.yaml")
     Repo.init(str(directory), no_scm=True).close()
+
+
+def stage_command(stage_name: str, root: Path) -> list[str]:
+    """The stage's command exactly as dvc.yaml in `root` declares it, run by this interpreter."""
+    from pipeline.dvc_stages import declaration
+
+    words = shlex.split(declaration(stage_name, root).cmd)
+    assert words[0] == "python", words
+    return [sys.executable, *words[1:]]

@@ -1,0 +1,189 @@
+"""The three recipes (pipeline/pretrain.py, sft.py, minillm.py) in this process on micro models, in seconds: an
+interrupted run resumed from its checkpoint ends bit-identical to an uninterrupted one, at every kind of position
+(mid-epoch, epoch boundary, MiniLLM's round boundary); and the checkpoint picked is the best by validation.
+
+The interruption is an exception raised right after a checkpoint is written, which is what a kill then leaves
+behind. tests/test_resume.py kills the real stage processes (SIGKILL, also mid-write) as the end-to-end proof.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from pipeline import checkpoint, data, engine, synthetic
+from pipeline.config import Architecture, CheckpointConfig, EngineConfig, MiniLLMMethod, Optimizer, PretrainStage, SFTStage
+from pipeline.minillm import train_minillm
+from pipeline.models import build_gpt2
+from pipeline.pretrain import train_lm
+from pipeline.sft import train_sft
+
+TIMING = {"tokens_per_s", "train_tokens_per_s", "rollout_tokens_per_s", "wall_time_s"}
+CHECKPOINTS = CheckpointConfig(every_steps=2, max_nonfinite_skips=0)
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def world():
+    """A tokenizer, splits and micro teacher and student, built once."""
+    suite = synthetic.build_suite(7, 48, 6, 1)
+    texts = [data.build_prompt(r["instruction"], r["context"]) + r["response"] for r in suite["train"]]
+    tokenizer = data.train_bpe_tokenizer(texts, 300)
+    train_split, _, _ = data.tokenize_records(tokenizer, suite["train"], 160, 128)
+    valid_split, valid_records, _ = data.tokenize_records(tokenizer, suite["valid"], 160, 128)
+    engine_config = EngineConfig(num_procs=1, launcher="torchrun", device="cpu", precision="fp32", zero_stage=0)
+    dist = engine.setup(engine_config)
+    torch.manual_seed(0)
+    teacher = build_gpt2(Architecture(n_layer=1, n_embd=32, n_head=2), len(tokenizer), 192, tokenizer.eos_token_id)
+    student = build_gpt2(Architecture(n_layer=1, n_embd=16, n_head=2), len(tokenizer), 192, tokenizer.eos_token_id)
+    blocks = torch.from_numpy(data.pack_pretrain_blocks(tokenizer, texts, 32).astype("int64"))
+    return {"tokenizer": tokenizer, "train": train_split, "valid": valid_split, "records": valid_records,
+            "engine": engine_config, "dist": dist, "teacher": teacher.eval().requires_grad_(False), "student": student,
+            "blocks": blocks}
+
+
+def optimizer(lr: float, schedule: str = "cosine") -> Optimizer:
+    return Optimizer(lr=lr, min_lr=lr / 10, weight_decay=0.01, grad_clip=1.0, schedule=schedule, warmup_steps=1)
+
+
+def run_recipe(recipe, world, name: str, interrupt_at: int | None, tamper=None, **kwargs):
+    """Run `recipe` as its stage would: resume from scratch/<name> when a checkpoint is there. With `interrupt_at`,
+    stop right after that step's checkpoint is written; `tamper(loop_state)` edits what a resume loads."""
+    dist = world["dist"]
+    resume = checkpoint.find(name, "fingerprint", dist)
+    checkpointer = checkpoint.Checkpointer(name, "fingerprint", CHECKPOINTS, dist, resume, run_id=None)
+    if tamper is not None:
+        load = checkpointer.load
+
+        def load_then_tamper(model_engine):
+            loop_state, rank_state = load(model_engine)
+            tamper(loop_state)
+            return loop_state, rank_state
+
+        checkpointer.load = load_then_tamper
+    if interrupt_at is not None:
+        save = checkpointer.save
+
+        def save_then_stop(model_engine, step, loop_state, rank_state):
+            save(model_engine, step, loop_state, rank_state)
+            if step == interrupt_at:
+                raise Interrupted
+
+        checkpointer.save = save_then_stop
+    logged = []
+    try:
+        result = recipe(dist=dist, engine_config=world["engine"], checkpointer=checkpointer,
+                        log_metrics=lambda metrics, step=None: logged.append((step, dict(metrics))), **kwargs)
+    except Interrupted:
+        return None, logged
+    checkpointer.finish()
+    return result, logged
+
+
+def comparable(value):
+    """The value with wall-clock figures left out (they differ between any two runs)."""
+    if isinstance(value, dict):
+        return {k: comparable(v) for k, v in value.items() if k not in TIMING and not k.endswith("tokens_per_s")}
+    if isinstance(value, list):
+        return [comparable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "__dataclass_fields__"):
+        return comparable(vars(value))
+    return value
+
+
+def uninterrupted_and_resumed(recipe, world, name, interrupt_at, fresh_kwargs, tamper=None):
+    """(the result of one uninterrupted run, the result of a run stopped at `interrupt_at` then resumed), each from
+    the same fresh models (fresh_kwargs() builds them)."""
+    torch.manual_seed(1)
+    reference, _ = run_recipe(recipe, world, name, None, **fresh_kwargs())
+    torch.manual_seed(1)
+    stopped, _ = run_recipe(recipe, world, name, interrupt_at, **fresh_kwargs())
+    assert stopped is None
+    torch.manual_seed(2)  # a resumed process starts with other RNG states: the checkpoint must restore them
+    resumed, logged = run_recipe(recipe, world, name, None, tamper, **fresh_kwargs())
+    assert min(step for step, _ in logged if step) == interrupt_at + 1  # it did resume, not restart
+    return reference, resumed
+
+
+MINILLM = dict(
+    steps=10, rollouts_per_round=8, inner_epochs=2, batch_size=2, micro_batch_size=1, max_new_tokens=6, teacher_mix=0.2,
+    max_importance_weight=None, reward_scale=1.0, reward_clip=100.0, returns="paper", gamma=0.95, length_normalized=True,
+    whiten_advantages=True, clip_eps=0.2, single_step=True, pt_coef=1.0, pt_batch_size=2, pt_teacher_kd_ratio=0.0,
+    optimizer=optimizer(2e-3, "constant").model_dump(), eval_every=3, eval_max_new_tokens=6,
+)
+
+
+# 4 mini-batches per inner epoch, 2 inner epochs: step 2 is mid-epoch, 4 an epoch boundary, 8 a round boundary.
+@pytest.mark.parametrize("interrupt_at", [2, 4, 8], ids=["mid-epoch", "epoch-boundary", "round-boundary"])
+def test_minillm_resumes_bit_identically(world, tmp_path, monkeypatch, interrupt_at):
+    monkeypatch.chdir(tmp_path)
+    config = MiniLLMMethod.model_validate(MINILLM)
+
+    def fresh():
+        rollouts = tmp_path / "rollouts"
+        rollouts.mkdir(exist_ok=True)
+        return dict(student=copy.deepcopy(world["student"]), teacher=world["teacher"], tokenizer=world["tokenizer"],
+                    train_prompts=world["train"].prompts(), pt_blocks=world["blocks"], valid_records=world["records"],
+                    config=config, seed=3, rollout_dir=rollouts)
+
+    reference, resumed = uninterrupted_and_resumed(train_minillm, world, "minillm_test", interrupt_at, fresh)
+    assert comparable(resumed) == comparable(reference)
+    assert len(reference.train_curve) == 10 and reference.generated_tokens > 0
+    # Kept by validation: the best of the validation curve, and its weights.
+    assert reference.best_rouge_l == max(point["valid_rouge_l"] for point in reference.valid_curve)
+
+
+def test_negative_control_a_resume_at_the_wrong_mini_batch_differs(world, tmp_path, monkeypatch):
+    """The comparison above can fail: resuming MiniLLM one mini-batch later than it stopped changes the weights."""
+    monkeypatch.chdir(tmp_path)
+    config = MiniLLMMethod.model_validate(MINILLM | {"steps": 4})
+
+    def fresh():
+        rollouts = tmp_path / "rollouts"
+        rollouts.mkdir(exist_ok=True)
+        return dict(student=copy.deepcopy(world["student"]), teacher=world["teacher"], tokenizer=world["tokenizer"],
+                    train_prompts=world["train"].prompts(), pt_blocks=world["blocks"], valid_records=world["records"],
+                    config=config, seed=3, rollout_dir=rollouts)
+
+    def skip_a_mini_batch(loop_state):
+        round_index, inner_epoch, first_batch = loop_state["position"]
+        loop_state["position"] = (round_index, inner_epoch, first_batch + 1)
+
+    reference, resumed = uninterrupted_and_resumed(train_minillm, world, "minillm_control", 2, fresh, skip_a_mini_batch)
+    assert comparable(resumed.best_state) != comparable(reference.best_state) or (
+        comparable(resumed.train_curve) != comparable(reference.train_curve))
+
+
+@pytest.mark.parametrize("interrupt_at", [2, 4], ids=["mid-epoch", "epoch-boundary"])
+def test_sft_resumes_bit_identically_and_keeps_the_best_by_validation(world, tmp_path, monkeypatch, interrupt_at):
+    monkeypatch.chdir(tmp_path)
+    stage = SFTStage(epochs=2, batch_size=8, micro_batch_size=4, optimizer=optimizer(2e-3), eval_every=2,
+                     eval_max_new_tokens=6)
+
+    def fresh():
+        return dict(model=copy.deepcopy(world["student"]), tokenizer=world["tokenizer"], train_split=world["train"],
+                    valid_split=world["valid"], valid_records=world["records"], stage=stage, stage_key="sft_test", seed=3)
+
+    reference, resumed = uninterrupted_and_resumed(train_sft, world, "sft_test", interrupt_at, fresh)
+    assert comparable(resumed) == comparable(reference)
+    assert len(reference.train_curve) == 2 * (len(world["train"]) // 8)
+    assert reference.best_loss == min(point["valid_loss"] for point in reference.valid_curve)
+    assert reference.best_rouge_l == max(point["valid_rouge_l"] for point in reference.valid_curve)
+
+
+def test_pretraining_resumes_bit_identically(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = PretrainStage(steps=6, batch_size=4, micro_batch_size=2, optimizer=optimizer(1e-3))
+
+    def fresh():
+        return dict(model=copy.deepcopy(world["student"]), blocks=world["blocks"], config=config, seed=3, progress="pt")
+
+    reference, resumed = uninterrupted_and_resumed(train_lm, world, "pretrain_test", 4, fresh)
+    assert comparable(resumed) == comparable(reference)
+    assert len(reference.losses) == 6 and all(math.isfinite(loss) for loss in reference.losses)
