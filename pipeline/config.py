@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 # The protocol's vocabulary, defined once: the models Table 1 compares (its rows, in order; every method but the
 # teacher trains a student) and the evaluation sets (its columns, in order; the same names at paper scale).
-METHODS: tuple[str, ...] = ("teacher", "sft", "kd", "seqkd", "minillm")
+METHODS: tuple[str, ...] = ("teacher", "sft", "kd", "seqkd", "minillm", "gkd", "distillm", "opd")
 EVAL_SETS: tuple[str, ...] = ("dollyeval", "selfinst", "vicunaeval", "sni", "unni")
 
 # The token-level divergences of pipeline/losses.py, by the name params.yaml gives them. Defined here, not there,
@@ -241,10 +241,98 @@ class MiniLLMMethod(Strict):
         return self
 
 
+class GKDMethod(Strict):
+    """GKD (Agarwal et al. 2024; TRL's GKDTrainer, whose defaults the comments give), from the student init picked by
+    validation loss, as MiniLLM: each step's batch is the student's own samples with probability
+    `on_policy_fraction`, else the gold responses (the teacher's samples with `seq_kd`); the loss is the token-level
+    generalised JSD(beta) between teacher and student on them."""
+
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)  # prompts per optimiser step
+    micro_batch_size: int = Field(gt=0)
+    on_policy_fraction: float = Field(ge=0, le=1)  # lambda, TRL: 0.5
+    beta: float = Field(ge=0, le=1)  # TRL: 0.5; 0 is forward KL(p || q), 1 reverse KL(q || p)
+    temperature: float = Field(gt=0)  # of the student's sampling, TRL: 0.9
+    loss_temperature: float = Field(gt=0)  # logits / T in the loss; TRL's default path: 1 (only its Liger path uses T)
+    seq_kd: bool  # off-policy batches from the teacher's samples (teacher_generate), TRL: false
+    max_new_tokens: int = Field(gt=0)
+    optimizer: Optimizer
+    eval_every: int = Field(gt=0)
+    eval_max_new_tokens: int = Field(gt=0)
+
+
+class DistiLLMMethod(Strict):
+    """DistiLLM (Ko et al. 2024; its public code, jongwooko/distillm, whose defaults the comments give; the paper's
+    algorithm text is not reproduced in the spec, so the code is the reference), from the student init picked by
+    validation loss: skew KL on a mix of gold responses and student-generated outputs (SGO), whose share
+    `student_share` adapts to the validation loss, with SGO replayed from a buffer."""
+
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    micro_batch_size: int = Field(gt=0)
+    divergence: Literal["skew_forward_kl", "skew_reverse_kl"]  # code: adaptive-sfkl (GPT-2), adaptive-srkl (OPT)
+    alpha: float = Field(ge=0, le=1)  # skew, code: 0.1
+    initial_student_share: float = Field(ge=0, le=1)  # code: init-threshold 0.0
+    share_increment: float = Field(ge=0, le=1)  # code: +0.1 ...
+    loss_increase: float = Field(ge=0)  # ... whenever the validation loss rose by at least this much (code: 0.1)
+    adapt_every: int = Field(gt=0)  # steps between validation-loss checks (code: once per epoch)
+    replay_capacity: int = Field(gt=0)  # SGO kept for replay, oldest dropped first (code: 1000)
+    # Of the SGO batches, the share generated fresh: decreasing (code default) 1 - step/steps, constant 1/2, increasing.
+    fresh_schedule: Literal["decreasing", "constant", "increasing"]
+    max_new_tokens: int = Field(gt=0)
+    optimizer: Optimizer
+    eval_every: int = Field(gt=0)
+    eval_max_new_tokens: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _adapt_at_validations(self):
+        # The schedule reads the validation loss, which exists at the validation steps only.
+        if self.adapt_every % self.eval_every:
+            raise ValueError(f"adapt_every ({self.adapt_every}) must be a multiple of eval_every ({self.eval_every})")
+        if self.replay_capacity < self.batch_size:
+            raise ValueError(f"replay_capacity ({self.replay_capacity}) must hold a batch ({self.batch_size})")
+        return self
+
+
+class OPDMethod(Strict):
+    """On-policy distillation with a per-token reverse-KL reward (TRL, tinker-cookbook, verl, NeMo-RL), from the
+    student init picked by validation loss: pure student rollouts, reward r_t = log p(y_t) - log q_old(y_t), advantage
+    A_t = sum_{t' >= t} discount^(t' - t) r_t' (discount 0: the token's own reward, tinker's and TRL's default), a
+    clipped importance ratio when a rollout is reused; no teacher mixing, no single-step term, no PT loss. It runs
+    through MiniLLM's recipe (`as_policy_gradient`)."""
+
+    steps: int = Field(gt=0)
+    rollouts_per_round: int = Field(gt=0)
+    inner_epochs: int = Field(gt=0)  # 1: every rollout used once, the ratio stays 1
+    batch_size: int = Field(gt=0)
+    micro_batch_size: int = Field(gt=0)
+    max_new_tokens: int = Field(gt=0)
+    discount: float = Field(ge=0, le=1)
+    clip_eps: float = Field(gt=0)
+    optimizer: Optimizer
+    eval_every: int = Field(gt=0)
+    eval_max_new_tokens: int = Field(gt=0)
+
+    def as_policy_gradient(self) -> MiniLLMMethod:
+        """MiniLLM's recipe with OPD's choices: the code's discounted return (which includes r_t) unnormalised and
+        unwhitened, no teacher mixing, no single-step term, no PT loss (computed for logging on one block only)."""
+        return MiniLLMMethod(
+            steps=self.steps, rollouts_per_round=self.rollouts_per_round, inner_epochs=self.inner_epochs,
+            batch_size=self.batch_size, micro_batch_size=self.micro_batch_size, max_new_tokens=self.max_new_tokens,
+            teacher_mix=0.0, max_importance_weight=None, reward_scale=1.0, reward_clip=None, returns="discounted",
+            gamma=self.discount, length_normalized=False, whiten_advantages=False, clip_eps=self.clip_eps,
+            single_step=False, pt_coef=0.0, pt_batch_size=1, pt_teacher_kd_ratio=0.0, optimizer=self.optimizer,
+            eval_every=self.eval_every, eval_max_new_tokens=self.eval_max_new_tokens,
+        )
+
+
 class Distill(Strict):
     kd: KDMethod
     seqkd: SeqKDMethod
     minillm: MiniLLMMethod
+    gkd: GKDMethod
+    distillm: DistiLLMMethod
+    opd: OPDMethod
 
 
 class EvaluateStage(Strict):
@@ -293,6 +381,9 @@ class Params(Strict):
             ("distill.seqkd.max_new_tokens", self.distill.seqkd.max_new_tokens),
             ("distill.minillm.max_new_tokens", self.distill.minillm.max_new_tokens),
             ("distill.minillm.eval_max_new_tokens", self.distill.minillm.eval_max_new_tokens),
+            ("distill.gkd.max_new_tokens", self.distill.gkd.max_new_tokens),
+            ("distill.distillm.max_new_tokens", self.distill.distillm.max_new_tokens),
+            ("distill.opd.max_new_tokens", self.distill.opd.max_new_tokens),
         ):
             if new_tokens > room:
                 raise ValueError(f"{key} ({new_tokens}) exceeds data.max_length - data.max_prompt_length ({room})")

@@ -87,11 +87,16 @@ def _teacher_cross_entropy_per_token(log_q: Tensor, log_p: Tensor) -> Tensor:
     return -(log_p.exp() * log_q).sum(-1)
 
 
+def at_least_fp32(tensor: Tensor) -> Tensor:
+    """fp16 and bf16 up to fp32 for the softmaxes; fp32 and float64 stay as they are."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def _chunk_divergence(
     per_token: Callable[[Tensor, Tensor], Tensor], student_chunk: Tensor, teacher_chunk: Tensor
 ) -> Tensor:
-    log_q = F.log_softmax(student_chunk.float(), dim=-1)
-    log_p = F.log_softmax(teacher_chunk.float(), dim=-1)
+    log_q = F.log_softmax(at_least_fp32(student_chunk), dim=-1)
+    log_p = F.log_softmax(at_least_fp32(teacher_chunk), dim=-1)
     return per_token(log_q, log_p)
 
 
@@ -269,8 +274,8 @@ def teacher_cross_entropy(
 def _head_chunk(
     student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor, tokens: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    log_q = F.log_softmax(F.linear(student_hidden, student_head).float(), dim=-1)
-    log_p = F.log_softmax(F.linear(teacher_hidden, teacher_head).float(), dim=-1)
+    log_q = F.log_softmax(at_least_fp32(F.linear(student_hidden, student_head)), dim=-1)
+    log_p = F.log_softmax(at_least_fp32(F.linear(teacher_hidden, teacher_head)), dim=-1)
     token_logprobs = log_q.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
         entropy = -(log_q.exp() * log_q).sum(-1)
@@ -333,6 +338,88 @@ def fused_head_reverse_kl(
         kl_sum = kl_sum + (kl * token_weights[:, start:end]).sum()
         entropy_sum = entropy_sum + (entropy * mask[:, start:end]).sum()
     return torch.cat(token_logprobs, dim=1), kl_sum, entropy_sum
+
+
+def per_token_divergence(name: str, beta: float = 0.5, alpha: float = 0.1) -> Callable[[Tensor, Tensor], Tensor]:
+    """The per-token function d(log q, log p) of the divergence `name` (pipeline.config.DIVERGENCE_NAMES)."""
+    match name:
+        case "forward_kl":
+            return _forward_kl_per_token
+        case "reverse_kl":
+            return _reverse_kl_per_token
+        case "jsd":
+            if not 0.0 <= beta <= 1.0:
+                raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
+            # The ends are the divergences they stand for (the mixture's value tends to 0 there), as TRL defines them.
+            return _forward_kl_per_token if beta == 0.0 else _reverse_kl_per_token if beta == 1.0 else functools.partial(
+                _jsd_per_token, beta=beta)
+        case "skew_forward_kl":
+            return functools.partial(_skew_forward_kl_per_token, alpha=alpha)
+        case "skew_reverse_kl":
+            return functools.partial(_skew_reverse_kl_per_token, alpha=alpha)
+        case "tvd":
+            return _tvd_per_token
+        case "teacher_cross_entropy":
+            return _teacher_cross_entropy_per_token
+    raise ValueError(f"unknown divergence {name!r}; valid names: {', '.join(DIVERGENCE_NAMES)}")
+
+
+def _head_chunk_divergence(per_token, temperature: float, student_hidden: Tensor, student_head: Tensor,
+                           teacher_hidden: Tensor, teacher_head: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    log_q = F.log_softmax(at_least_fp32(F.linear(student_hidden, student_head)) / temperature, dim=-1)
+    log_p = F.log_softmax(at_least_fp32(F.linear(teacher_hidden, teacher_head)) / temperature, dim=-1)
+    with torch.no_grad():
+        reverse = _reverse_kl_per_token(log_q, log_p)
+        log_ratio = (log_p - log_q).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return per_token(log_q, log_p), reverse, log_ratio
+
+
+def fused_head_divergence(
+    name: str,
+    student_hidden: Tensor,
+    student_head: Tensor,
+    teacher_hidden: Tensor,
+    teacher_head: Tensor,
+    tokens: Tensor,
+    mask: Tensor,
+    *,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> dict[str, Tensor]:
+    """Sums over the masked positions of [B, T] of the divergence `name` between softmax(teacher logits / T) and
+    softmax(student logits / T), from both models' last hidden states [B, T, d] and bias-free LM heads [V, d], a chunk
+    of positions at a time, each recomputed during backward (as fused_head_reverse_kl): no [B, T, V] logits exist.
+
+        divergence   sum_t mask_t d_t          differentiable in the student's hidden states and head
+        reverse_kl   sum_t mask_t KL(q_t || p_t)              no gradient (a diagnostic)
+        log_ratio    sum_t mask_t (log p - log q)(tokens_t)   no gradient: minus the reverse KL of sampled tokens
+    """
+    if not student_hidden.shape[:2] == teacher_hidden.shape[:2] == tokens.shape == mask.shape:
+        raise ValueError(f"hidden states {tuple(student_hidden.shape)} / {tuple(teacher_hidden.shape)}, tokens "
+                         f"{tuple(tokens.shape)} and mask {tuple(mask.shape)} must agree on [B, T]")
+    if student_head.shape[0] != teacher_head.shape[0]:
+        raise ValueError(f"student head vocabulary {student_head.shape[0]} != teacher head vocabulary "
+                         f"{teacher_head.shape[0]}; teacher and student must share one tokenizer")
+    if temperature <= 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    per_token = per_token_divergence(name, beta, alpha)
+    mask = mask.to(torch.float32)
+    teacher_hidden, teacher_head = teacher_hidden.detach(), teacher_head.detach()
+    use_checkpoint = torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad)
+    zero = student_hidden.new_zeros((), dtype=torch.float32)
+    sums = {"divergence": zero, "reverse_kl": zero, "log_ratio": zero}
+    for start in range(0, tokens.shape[1], chunk_size):
+        end = start + chunk_size
+        inputs = (student_hidden[:, start:end], student_head, teacher_hidden[:, start:end], teacher_head, tokens[:, start:end])
+        if use_checkpoint:
+            values = checkpoint(_head_chunk_divergence, per_token, temperature, *inputs, use_reentrant=False)
+        else:
+            values = _head_chunk_divergence(per_token, temperature, *inputs)
+        for key, value in zip(sums, values):
+            sums[key] = sums[key] + (value * mask[:, start:end]).sum()
+    return sums
 
 
 def divergence(

@@ -28,9 +28,13 @@ from pipeline import eval_metrics
 from pipeline.config import EVAL_SETS, METHODS
 from pipeline.io import atomic_write_json, atomic_write_text
 
-METHOD_NAMES = {"teacher": "Teacher", "sft": "SFT w/o KD", "kd": "KD", "seqkd": "SeqKD", "minillm": "MiniLLM"}
+METHOD_NAMES = {"teacher": "Teacher", "sft": "SFT w/o KD", "kd": "KD", "seqkd": "SeqKD", "minillm": "MiniLLM", "gkd": "GKD",
+                "distillm": "DistiLLM", "opd": "OPD"}
 SET_NAMES = {"dollyeval": "DollyEval", "selfinst": "SelfInst", "vicunaeval": "VicunaEval", "sni": "S-NI", "unni": "UnNI"}
 MEASUREMENTS = ["ece", "token_accuracy", "response_words", *(f"distinct_{n}" for n in eval_metrics.DISTINCT_N)]
+
+# The methods whose training starts from init_student's checkpoint (dvc.yaml's --start): their cost includes it.
+STARTS_FROM_SFT = ("minillm", "gkd", "distillm", "opd")
 
 # MINILLM_SPEC.md §6: the paper's published Table 1 cells (GPT-2 family, Rouge-L), keyed by (model size, method).
 PAPER_TABLE1 = {
@@ -48,7 +52,7 @@ PAPER_MODEL_SIZES = {"gpt2-xl": "1.5B", "gpt2": "120M", "gpt2-medium": "340M", "
 REPORT_FILES = ("summary.json", "summary_sets.json", "table1.md", "table1.csv", "results.csv", "paper.md", "measurements.md",
                 "measurements.csv", "rouge_l.png",
                 "minillm_training.png", "rouge_l_by_length.png", "rouge_l_vs_cost.png", "exposure_bias.png",
-                "validation_rouge_l.png")
+                "validation_rouge_l.png", "validation_rouge_l_vs_flops.png")
 
 
 @dataclass
@@ -258,18 +262,21 @@ class TrainingMetrics:
 
 def training_cost(files: TrainingMetrics, student: str, train_seed: int, method: str) -> dict:
     """Compute spent to produce one student from its pre-trained base (pre-training and the teacher's SFT, shared
-    by every method, are left out): MiniLLM includes the SFT initialisation it starts from, SeqKD the teacher's
-    generation of its training data when that stage records it. FLOPs = 6 N_s (trained tokens) + 2 N_s (generated
-    tokens) + 2 N_t (teacher-forward tokens), N_s and N_t the student's and the teacher's parameters."""
+    by every method, are left out): the methods that start from the SFT init (STARTS_FROM_SFT) include it, SeqKD the
+    teacher's generation of its training data when that stage records it. FLOPs = 6 N_s (trained tokens) + 2 N_s
+    (generated tokens) + 2 N_t (teacher-forward tokens), N_s and N_t the student's and the teacher's parameters."""
     run = f"{student}-seed{train_seed}"
     init = files.init_student / f"{run}.json"
-    stage_files = {"sft": [init], "minillm": [init, files.distill / "minillm" / f"{run}.json"]}.get(
-        method, [files.distill / method / f"{run}.json"])
+    if method == "sft":
+        stage_files = [init]
+    else:
+        stage_files = ([init] if method in STARTS_FROM_SFT else []) + [files.distill / method / f"{run}.json"]
     teacher = read_json(files.train_teacher)
     teacher_parameters = teacher.get("parameters")
-    totals = {"trained_tokens": 0, "generated_tokens": 0, "teacher_forward_tokens": 0, "wall_time_s": 0.0, "flops": 0.0}
+    totals = {"trained_tokens": 0, "generated_tokens": 0, "teacher_forward_tokens": 0, "wall_time_s": 0.0, "flops": 0.0,
+              "start_flops": 0.0}  # start_flops: the SFT init's share, spent before the method's first step
     missing = []
-    for path in stage_files:
+    for index, path in enumerate(stage_files):
         stage = read_json(path)
         if not stage:
             missing.append(f"{path} (absent)")
@@ -288,6 +295,8 @@ def training_cost(files: TrainingMetrics, student: str, train_seed: int, method:
             if not teacher_parameters:
                 missing.append(f"{files.train_teacher}:parameters")
         totals["flops"] += flops
+        if index < len(stage_files) - 1:
+            totals["start_flops"] += flops
     if method == "seqkd":
         generation = read_json(files.teacher_generate)
         if "generated_tokens" in generation and teacher_parameters:
@@ -304,7 +313,7 @@ def costs(numbers: pd.DataFrame, measurements: pd.DataFrame, files: TrainingMetr
     runs = measurements[measurements["method"] != "teacher"][["method", "student", "train_seed"]].drop_duplicates()
     rows = [{"method": r.method, "student": r.student, "train_seed": r.train_seed}
             | training_cost(files, r.student, r.train_seed, r.method) for r in runs.itertuples()]
-    columns = ["trained_tokens", "generated_tokens", "teacher_forward_tokens", "flops", "wall_time_s"]
+    columns = ["trained_tokens", "generated_tokens", "teacher_forward_tokens", "flops", "start_flops", "wall_time_s"]
     if not rows:
         return pd.DataFrame(columns=["method", "student", *columns, "missing", "average"])
     frame = pd.DataFrame(rows)
@@ -387,7 +396,8 @@ def measurements_markdown(measurements: pd.DataFrame, by_length: pd.DataFrame, e
                                       "teacher_forward_tokens": "teacher-forward tokens", "flops": "training FLOPs",
                                       "wall_time_s": "wall time (s)", "average": "avg. Rouge-L"})
         parts += ["## Cost per method", "",
-                  "From the pre-trained student (MiniLLM includes its SFT initialisation; teacher SFT and pre-training "
+                  "From the pre-trained student (MiniLLM, GKD, DistiLLM and OPD include the SFT initialisation they start "
+                  "from; teacher SFT and pre-training "
                   "excluded). FLOPs = 6·N_student·trained tokens + 2·N_student·generated tokens + 2·N_teacher·teacher-forward tokens.", "",
                   table.to_markdown(index=False, floatfmt=".3g"), ""]
         gaps = sorted({m for text in cost["missing"] for m in text.split("; ") if m})
@@ -410,18 +420,54 @@ def plot_rouge_by_length(by_length: pd.DataFrame, path: str) -> None:
     save_figure(figure, path)
 
 
+def pareto_front(cost: pd.DataFrame) -> pd.DataFrame:
+    """The models no other model beats on both axes: at most their FLOPs and at least their average Rouge-L, one of
+    them strictly. Sorted by FLOPs."""
+    recorded = cost[cost["flops"] > 0].sort_values(["flops", "average"], ascending=[True, False])
+    front, best = [], -float("inf")
+    for row in recorded.itertuples():
+        if row.average > best:
+            front.append(row.Index)
+            best = row.average
+    return recorded.loc[front]
+
+
 def plot_rouge_vs_cost(cost: pd.DataFrame, path: str) -> None:
+    """Average Rouge-L against training FLOPs, a point per model, and the Pareto front through the best of them."""
     figure, axis = plt.subplots(figsize=(6, 3.6))
     recorded = in_table_order(cost[cost["flops"] > 0])  # NaN (a training stage did not record its counts) drops out
     for row in recorded.itertuples():
         axis.scatter(row.flops, row.average, label=f"{METHOD_NAMES[row.method]} ({row.student})")
     if len(recorded):
+        front = pareto_front(recorded)
+        axis.step(front["flops"], front["average"], where="post", color="grey", linewidth=0.8, label="Pareto front")
         axis.set_xscale("log")
         axis.legend(fontsize=7)
     else:
         axis.text(0.5, 0.5, "no training stage recorded its token counts and parameters", ha="center", transform=axis.transAxes)
     axis.set_xlabel("training FLOPs (from the pre-trained student)")
     axis.set_ylabel("average Rouge-L (×100)")
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_validation_vs_flops(curves: dict[str, pd.DataFrame], cost: pd.DataFrame, path: str) -> None:
+    """Every method's validation Rouge-L against the training FLOPs spent to reach each checkpoint: the start (the SFT
+    init, for the methods that begin there) plus the method's FLOPs in proportion to its steps done (each method's
+    FLOPs per step taken as constant, which holds on average for the on-policy ones)."""
+    figure, axis = plt.subplots(figsize=(6, 3.6))
+    per_model = {f"{row.method}@{row.student}": row for row in cost.itertuples()}
+    for model, curve in sorted(curves.items(), key=lambda kv: (METHODS.index(kv[0].split("@")[0]), kv[0])):
+        row = per_model.get(model)
+        if row is None or not row.flops > 0 or curve["step"].max() == 0:
+            continue
+        spent = row.start_flops + (row.flops - row.start_flops) * curve["step"] / curve["step"].max()
+        method, student = model.split("@", 1)
+        axis.plot(spent, curve["valid_rouge_l"], marker="o", markersize=3, label=f"{METHOD_NAMES[method]} ({student})")
+    axis.set_xscale("log")
+    axis.set_xlabel("training FLOPs spent (from the pre-trained student)")
+    axis.set_ylabel("validation Rouge-L")
+    axis.legend(fontsize=7)
     figure.tight_layout()
     save_figure(figure, path)
 
@@ -496,5 +542,7 @@ def write_report(params, evaluations: list[EvalMetrics], init_curves: list[Path]
     plot_rouge_by_length(by_length, out / "rouge_l_by_length.png")
     plot_rouge_vs_cost(cost, out / "rouge_l_vs_cost.png")
     plot_exposure_bias(exposure, out / "exposure_bias.png")
-    plot_validation_curves(validation_curves(init_curves, distill_curves), out / "validation_rouge_l.png")
+    curves = validation_curves(init_curves, distill_curves)
+    plot_validation_curves(curves, out / "validation_rouge_l.png")
+    plot_validation_vs_flops(curves, cost, out / "validation_rouge_l_vs_flops.png")
     return markdown

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pipeline import checkpoint, engine
-from pipeline.config import Params
+from pipeline.config import ConfigError, Params
 from pipeline.dvc_stages import declaration
 from pipeline.tracking import StageRun
 
@@ -47,3 +47,25 @@ def training_stage(name: str, params: Params, seed: int, tags: dict[str, str]) -
         # Only a recipe that returned gets here: after an exception the checkpoints stay for the next run to resume.
         checkpointer.finish()
     engine.teardown()
+
+
+def add_distill_arguments(parser, methods: list[str]) -> None:
+    """The command line of the distillation stages: which run, and the paths dvc.yaml passes."""
+    from pipeline.sft import add_sft_input_arguments
+
+    parser.add_argument("--method", choices=methods, required=True)
+    parser.add_argument("--student", required=True, help="a label of models.students")
+    parser.add_argument("--seed", type=int, required=True, help="the training seed, one of train_seeds")
+    add_sft_input_arguments(parser)
+    parser.add_argument("--teacher", required=True, help="the SFT teacher")
+    parser.add_argument("--start", required=True, help="the student checkpoint training starts from")
+    parser.add_argument("--out", required=True, help="the directory to write: model/ (and rollouts/ for MiniLLM and OPD)")
+    parser.add_argument("--metrics", required=True, help="the metrics file to write (.json)")
+    parser.add_argument("--plots", required=True, help="the directory of the training curves to write")
+
+
+def check_student_and_seed(arguments, params: Params) -> None:
+    if arguments.student not in params.models.students:
+        raise ConfigError(f"--student {arguments.student}: not a label of models.students")
+    if arguments.seed not in params.train_seeds:
+        raise ConfigError(f"--seed {arguments.seed}: not one of train_seeds {params.train_seeds}")

@@ -90,3 +90,61 @@ def test_mismatched_shapes_are_errors():
         fused_head_reverse_kl(student_hidden, student_head, teacher_hidden[:, :5], teacher_head, tokens, mask)
     with pytest.raises(ValueError, match="one tokenizer"):
         fused_head_reverse_kl(student_hidden, student_head, teacher_hidden, teacher_head[:5], tokens, mask)
+
+
+def trl_generalized_jsd(student_logits, teacher_logits, mask, beta: float, temperature: float) -> torch.Tensor:
+    """TRL GKDTrainer's generalized_jsd_loss, re-derived from its definition (F.kl_div with log targets, the
+    mixture by logsumexp, beta = 0 and 1 special-cased, "batchmean" over the masked tokens), as the reference."""
+    import math
+
+    import torch.nn.functional as F
+
+    student = F.log_softmax(student_logits / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits / temperature, dim=-1)
+    if beta == 0:
+        jsd = F.kl_div(student, teacher, reduction="none", log_target=True)
+    elif beta == 1:
+        jsd = F.kl_div(teacher, student, reduction="none", log_target=True)
+    else:
+        mixture = torch.logsumexp(torch.stack([student + math.log(1 - beta), teacher + math.log(beta)]), dim=0)
+        jsd = beta * F.kl_div(mixture, teacher, reduction="none", log_target=True) + (1 - beta) * F.kl_div(
+            mixture, student, reduction="none", log_target=True)
+    return jsd[mask > 0].sum() / mask.sum()
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 0.9, 2.0])
+def test_fused_jsd_equals_trls_generalized_jsd(beta, temperature):
+    """GKD's loss through the fused heads, on the same logits, equals TRL's, its temperature and beta ends included."""
+    from pipeline.losses import fused_head_divergence
+
+    student_hidden, student_head, teacher_hidden, teacher_head, tokens, mask, _ = batch(seed=5)
+    sums = fused_head_divergence("jsd", student_hidden, student_head, teacher_hidden, teacher_head, tokens, mask,
+                                 beta=beta, temperature=temperature, chunk_size=3)
+    reference = trl_generalized_jsd(student_hidden @ student_head.T, teacher_hidden @ teacher_head.T, mask, beta, temperature)
+    assert sums["divergence"].dtype == torch.float64  # float64 inputs stay float64
+    torch.testing.assert_close(sums["divergence"] / mask.sum(), reference, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["skew_forward_kl", "skew_reverse_kl", "forward_kl", "reverse_kl", "tvd"])
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])
+def test_fused_divergence_equals_the_plain_one_in_value_and_gradient(name, chunk_size):
+    from pipeline import losses
+
+    student_hidden, student_head, teacher_hidden, teacher_head, tokens, mask, _ = batch(seed=chunk_size)
+    fused_inputs = [t.clone().requires_grad_() for t in (student_hidden, student_head)]
+    plain_inputs = [t.clone().requires_grad_() for t in (student_hidden, student_head)]
+    sums = losses.fused_head_divergence(name, *fused_inputs, teacher_hidden, teacher_head, tokens, mask, alpha=0.1,
+                                        temperature=1.5, chunk_size=chunk_size)
+    student_logits = (plain_inputs[0] @ plain_inputs[1].T) / 1.5
+    teacher_logits = (teacher_hidden @ teacher_head.T) / 1.5
+    plain_sum = losses.divergence(name, student_logits, teacher_logits, mask, alpha=0.1, reduction="sum")
+    torch.testing.assert_close(sums["divergence"], plain_sum)
+    # The diagnostics: the reverse KL, and the log-ratio of the given tokens.
+    torch.testing.assert_close(sums["reverse_kl"], losses.reverse_kl(student_logits, teacher_logits, mask, reduction="sum"))
+    log_ratio = (teacher_logits.log_softmax(-1) - student_logits.log_softmax(-1)).gather(-1, tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(sums["log_ratio"], (log_ratio * mask).sum().detach())
+    sums["divergence"].backward()
+    plain_sum.backward()
+    for fused, plain_input in zip(fused_inputs, plain_inputs):
+        torch.testing.assert_close(fused.grad, plain_input.grad)

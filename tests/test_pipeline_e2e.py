@@ -25,13 +25,13 @@ from tests.workspace import copy_sources, run
 REPO = Path(__file__).resolve().parents[1]
 STUDENTS = ("tiny", "tiny2")  # tests/micro_params.yaml: two students, so every student stage is a matrix
 TRAIN_SEED = 1234  # tests/micro_params.yaml train_seeds
-METHODS = {"teacher", "sft", "kd", "seqkd", "minillm"}
+METHODS = {"teacher", "sft", "kd", "seqkd", "minillm", "gkd", "distillm", "opd"}
 EVALUATIONS = {"evaluate_teacher"} | {f"evaluate_sft@{s}-{TRAIN_SEED}" for s in STUDENTS} | {
     f"evaluate@{m}-{s}-{TRAIN_SEED}" for m in METHODS - {"teacher", "sft"} for s in STUDENTS}
 STAGES = {"check_params", "build_data", "pretrain_teacher", "train_teacher", "teacher_generate", "report"} | EVALUATIONS | {
     f"pretrain_student@{s}" for s in STUDENTS
 } | {
-    f"{stage}@{s}-{TRAIN_SEED}" for stage in ("init_student", "distill_kd", "distill_seqkd", "distill_minillm")
+    f"{stage}@{s}-{TRAIN_SEED}" for stage in ("init_student", *(f"distill_{m}" for m in METHODS - {"teacher", "sft"}))
     for s in STUDENTS
 }
 
@@ -242,7 +242,7 @@ def test_removed_students_and_seeds_leave_nothing_stale_and_a_killed_repro_resum
     assert f"Running stage '{killed_stage}'" in rerun.stdout and "resuming from step" in rerun.stdout + rerun.stderr
     current = {"check_params", "build_data", "pretrain_teacher", "train_teacher", "teacher_generate", "report",
                "evaluate_teacher", "pretrain_student@tiny"} | {
-        f"{stage}@tiny-7" for stage in ("init_student", "distill_kd", "distill_seqkd", "distill_minillm")} | {
+        f"{stage}@tiny-7" for stage in ("init_student", *(f"distill_{m}" for m in METHODS - {"teacher", "sft"}))} | {
         f"evaluate@{method}-tiny-7" for method in METHODS - {"teacher", "sft"}} | {"evaluate_sft@tiny-7"}
     lock = yaml.safe_load((workdir / "dvc.lock").read_text())["stages"]
     assert set(lock) == current

@@ -256,3 +256,26 @@ def test_readme_search_runs_snippet_rebuilds_the_table(metrics_root: Path, monke
     # Each per-set run is nested under its evaluate stage run.
     stage_runs = {mlflow.get_run(run_id).data.tags["dvc.stage"] for run_id in minillm_sni["tags.mlflow.parentRunId"]}
     assert stage_runs == {"evaluate@minillm-S-1", "evaluate@minillm-S-2"}
+
+
+def test_pareto_front_by_hand():
+    cost = pd.DataFrame([
+        {"method": "kd", "student": "S", "flops": 10.0, "average": 20.0},
+        {"method": "seqkd", "student": "S", "flops": 5.0, "average": 15.0},
+        {"method": "minillm", "student": "S", "flops": 30.0, "average": 25.0},
+        {"method": "gkd", "student": "S", "flops": 40.0, "average": 24.0},  # dominated by MiniLLM
+        {"method": "opd", "student": "S", "flops": 10.0, "average": 18.0},  # dominated by KD (same FLOPs)
+        {"method": "sft", "student": "S", "flops": float("nan"), "average": 99.0},  # not recorded: left out
+    ])
+    assert report.pareto_front(cost)["method"].tolist() == ["seqkd", "kd", "minillm"]
+
+
+def test_methods_from_the_sft_init_count_it_in_their_cost(metrics_root: Path):
+    write_json(metrics_root / "distill" / "gkd" / "S-seed1.json",
+               {"parameters": 1000, "response_tokens_trained": 10, "generated_tokens": 5, "teacher_forward_tokens": 10,
+                "wall_time_s": 1.0})
+    cost = report.training_cost(training_files(metrics_root), "S", 1, "gkd")
+    init_flops = 6 * 1000 * 100
+    assert cost["start_flops"] == init_flops
+    assert cost["flops"] == init_flops + 6 * 1000 * 10 + 2 * 1000 * 5 + 2 * 5000 * 10
+    assert report.training_cost(training_files(metrics_root), "S", 1, "kd")["start_flops"] == 0.0
