@@ -17,7 +17,7 @@ Reported:
                   achieved >= 40% of it on GPT-2-small shapes)
   peak memory     of the step's tensors above those held before it (benchmarks/common.py: tensor_peak)
   logits part     peak memory of everything after the last hidden states: surrogate_sums (both LM heads fused
-                  into chunks of minillm.FUSED_CHUNK positions, recomputed in backward) and its backward, over the
+                  into chunks of FUSED_CHUNK positions, recomputed in backward) and its backward, over the
                   memory held before it; compared with one model's fp32 logits for the batch,
                   [batch, response, V] x 4 bytes (target: <= 1.5x)
   full-logits ... the same two loss terms the way surrogate_sums computed them before the fusion (both models'
@@ -51,10 +51,11 @@ from benchmarks.common import (
     setup_device,
     tensor_peak,
 )
-from pipeline import losses, minillm
+from pipeline import losses
 from pipeline.config import MiniLLMMethod
 from pipeline.engine import build_optimizer
 from pipeline.generation import left_pad, sample
+from pipeline.hidden_states import FUSED_CHUNK
 from pipeline.minillm import make_buffer, pt_loss_sum, surrogate_sums
 from pipeline.minillm_loss import policy_loss
 
@@ -234,7 +235,7 @@ def main() -> None:
             *([["process peak RSS MiB", process_peak_rss() / MIB, ""]] if device.type == "cpu" else []),
             *([["GPU allocator peak MiB", torch.cuda.max_memory_allocated(device) / MIB, ""]]
               if device.type == "cuda" else []),
-            [f"logits part peak MiB (fused, chunk {minillm.FUSED_CHUNK})", logits_peak / MIB, ""],
+            [f"logits part peak MiB (fused, chunk {FUSED_CHUNK})", logits_peak / MIB, ""],
             ["one model's fp32 logits [B,R,V] MiB", fp32_logits / MIB, ""],
             ["logits part / fp32 logits", logits_peak / fp32_logits, "<= 1.5"],
             ["full-logits logits part peak MiB (before fusion)", full_peak / MIB, ""],

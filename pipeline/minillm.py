@@ -21,7 +21,6 @@ import hashlib
 import math
 import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from pipeline.config import EngineConfig, MiniLLMMethod
 from pipeline.data import build_prompt
 from pipeline.evaluation import score_records
 from pipeline.generation import Rollout, decode_responses, left_pad, sample
+from pipeline.hidden_states import FUSED_CHUNK, lm_head_weight, response_hidden_and_head
 from pipeline.minillm_loss import advantages, importance_weights, per_token_rewards, policy_loss
 from pipeline.sft import cpu_state
 
@@ -98,46 +98,6 @@ def rollout_diagnostics(buffer: RolloutBuffer, teacher_mix: float) -> dict[str, 
         "rollout/importance_weight_mean": float(buffer.weights[is_token].mean()),
         "rollout/reverse_kl_per_token": float((unclipped * log_ratio)[is_token].mean()),
     }
-
-
-# Positions per chunk of the fused LM-head loss; its memory is ~5 fp32 [B, chunk, V] tensors. Measured with
-# benchmarks/bench_step.py (one thread) on the embedded default's shapes (vocabulary 1024, batch 16 x 48 response
-# tokens), the logits part forward + backward takes 24 / 22 / 21 / 20 ms at chunk 8 / 16 / 32 / 64. 16 costs ~2 ms
-# a step against 64 and keeps the logits part within 1.5x one model's fp32 logits from 64 response tokens up
-# (GPT-2 shapes: 1.27x at 64).
-FUSED_CHUNK = 16
-
-
-def unwrapped(model) -> torch.nn.Module:
-    """The Hugging Face model inside a DeepSpeed engine (train_minillm passes the engine), or the model itself.
-    Its parameters are the engine's, so DeepSpeed's gradient hooks on them still fire."""
-    # An engine can exist only once deepspeed is imported; importing it just to check would cost ~75 MiB.
-    deepspeed = sys.modules.get("deepspeed")
-    return model.module if deepspeed is not None and isinstance(model, deepspeed.DeepSpeedEngine) else model
-
-
-def lm_head_weight(model) -> torch.Tensor:
-    """The LM-head weight [V, d] that turns last hidden states into logits."""
-    head = unwrapped(model).get_output_embeddings()
-    if head.bias is not None:
-        raise ValueError(f"{type(unwrapped(model)).__name__}'s LM head has a bias; MiniLLM's fused loss assumes a bias-free head")
-    return head.weight
-
-
-def response_hidden_and_head(model, rollout: Rollout, indices) -> tuple[torch.Tensor, torch.Tensor]:
-    """Last hidden states (after the final norm) that predict each response token, [n, R, d], from one forward pass
-    of the model body over [prompt; response], and the LM-head weight [V, d] that turns them into logits."""
-    head = lm_head_weight(model)
-    model = unwrapped(model)
-    prompt_ids, prompt_mask = rollout.prompt_ids[indices], rollout.prompt_mask[indices]
-    response_ids, response_mask = rollout.response_ids[indices], rollout.response_mask[indices]
-    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
-    attention = torch.cat([prompt_mask, torch.ones_like(response_mask, dtype=prompt_mask.dtype)], dim=1)
-    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-    body = model.base_model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids)
-    hidden = body.last_hidden_state
-    prompt_width = prompt_ids.shape[1]
-    return hidden[:, prompt_width - 1 : prompt_width - 1 + response_ids.shape[1]], head
 
 
 def surrogate_sums(student, teacher, buffer: RolloutBuffer, rows: torch.Tensor, config: MiniLLMMethod) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from pipeline.config import EngineConfig
 from pipeline.data import TokenizedSplit
 from pipeline.evaluation import evaluate_rouge_l
 from pipeline.generation import left_pad, sample
-from pipeline.minillm import FUSED_CHUNK, lm_head_weight, response_hidden_and_head
+from pipeline.hidden_states import FUSED_CHUNK, lm_head_weight, response_hidden_and_head
 from pipeline.sft import cpu_state, validation_loss
 
 

@@ -1,0 +1,57 @@
+"""DVC stage `distill_gkd@<student>-<train seed>`: GKD (pipeline/gkd.py) from the student init picked by validation
+loss (--start): generalised JSD on the student's own samples with probability lambda, else on the fixed responses
+(gold, or with distill.gkd.seq_kd the teacher's samples, --teacher-samples). Keeps the checkpoint with the best
+validation Rouge-L.
+"""
+
+import argparse
+import contextlib
+
+from pipeline import engine
+from pipeline.config import exit_on_user_error, load_params
+from pipeline.data import TokenizedSplit
+from pipeline.gkd import train_gkd
+from pipeline.io import atomic_directory, atomic_write_json
+from pipeline.models import count_parameters, load_model, save_checkpoint
+from pipeline.sft import copy_with_state, load_sft_inputs, write_curves
+from pipeline.stage import add_distill_arguments, check_student_and_seed, training_stage
+from pipeline.student_data import summarize
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    add_distill_arguments(parser, ["gkd"])
+    parser.add_argument("--teacher-samples", required=True, help="the teacher's samples (.npz), used with seq_kd")
+    arguments = parser.parse_args()
+    params = load_params()
+    check_student_and_seed(arguments, params)
+    config, seed = params.distill.gkd, arguments.seed
+    name = f"distill_gkd@{arguments.student}-{seed}"
+    tags = {"method": "gkd", "student": arguments.student, "train_seed": str(seed)}
+    with training_stage(name, params, seed, tags) as stage:
+        dist = stage.dist
+        inputs = load_sft_inputs(arguments)
+        fixed = TokenizedSplit.load(arguments.teacher_samples) if config.seq_kd else inputs.train_split
+        dtype = engine.dtype_of(params.engine)
+        teacher = load_model(arguments.teacher, dtype).to(dist.device).requires_grad_(False)
+        student = load_model(arguments.start, dtype).to(dist.device)
+        # --out holds model/; only the main rank writes, and it appears whole only when training succeeded.
+        with atomic_directory(arguments.out) if dist.is_main else contextlib.nullcontext() as out:
+            result = train_gkd(
+                config=config, train_split=fixed, valid_split=inputs.valid_split, student=student, teacher=teacher,
+                tokenizer=inputs.tokenizer, valid_records=inputs.valid_records, engine_config=params.engine, dist=dist,
+                seed=seed, log_metrics=stage.run.log_metrics, checkpointer=stage.checkpointer,
+            )
+            summary = summarize(result)
+            if dist.is_main:
+                best = copy_with_state(student, result.best_state)
+                save_checkpoint(best, inputs.tokenizer, out / "model")
+                summary["parameters"] = count_parameters(best)
+        if dist.is_main:
+            write_curves(result, arguments.plots)
+            atomic_write_json(arguments.metrics, summary)
+            print(f"{name}: best validation Rouge-L {summary['best_valid_rouge_l']:.2f}")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
