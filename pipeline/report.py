@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from pipeline import eval_metrics
+from pipeline import eval_metrics, significance
 from pipeline.config import EVAL_SETS, METHODS
 from pipeline.io import atomic_write_json, atomic_write_text
 
@@ -32,6 +32,9 @@ METHOD_NAMES = {"teacher": "Teacher", "sft": "SFT w/o KD", "kd": "KD", "seqkd": 
                 "distillm": "DistiLLM", "opd": "OPD"}
 SET_NAMES = {"dollyeval": "DollyEval", "selfinst": "SelfInst", "vicunaeval": "VicunaEval", "sni": "S-NI", "unni": "UnNI"}
 MEASUREMENTS = ["ece", "token_accuracy", "response_words", *(f"distinct_{n}" for n in eval_metrics.DISTINCT_N)]
+
+# Every student method is compared with these, by a paired bootstrap (pipeline/significance.py).
+SIGNIFICANCE_REFERENCES = ("sft", "minillm")
 
 # The methods whose training starts from init_student's checkpoint (dvc.yaml's --start): their cost includes it.
 STARTS_FROM_SFT = ("minillm", "gkd", "distillm", "opd")
@@ -52,7 +55,7 @@ PAPER_MODEL_SIZES = {"gpt2-xl": "1.5B", "gpt2": "120M", "gpt2-medium": "340M", "
 REPORT_FILES = ("summary.json", "summary_sets.json", "table1.md", "table1.csv", "results.csv", "paper.md", "measurements.md",
                 "measurements.csv", "rouge_l.png",
                 "minillm_training.png", "rouge_l_by_length.png", "rouge_l_vs_cost.png", "exposure_bias.png",
-                "validation_rouge_l.png", "validation_rouge_l_vs_flops.png")
+                "validation_rouge_l.png", "validation_rouge_l_vs_flops.png", "significance.md")
 
 
 @dataclass
@@ -65,12 +68,13 @@ class EvalMetrics:
     train_seed: int
     sets: dict[str, dict]
     exposure_bias: dict = field(default_factory=dict)
+    name: str = ""  # the file's stem, which is also the name of the stage's predictions directory (dvc.yaml)
 
     @classmethod
     def read(cls, path: Path) -> "EvalMetrics":
         metrics = json.loads(Path(path).read_text())
         return cls(method=metrics["method"], student=metrics["student"], train_seed=metrics["train_seed"],
-                   sets=metrics["sets"], exposure_bias=metrics.get("exposure_bias", {}))
+                   sets=metrics["sets"], exposure_bias=metrics.get("exposure_bias", {}), name=Path(path).stem)
 
 
 def long_results(evaluations: list[EvalMetrics]) -> pd.DataFrame:
@@ -109,8 +113,11 @@ def table1_numbers(results: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def table1_markdown(numbers: pd.DataFrame) -> str:
-    """Cells "mean ± std"; in every column the best student of each size is bold (ties at 2 decimals all bold)."""
+def table1_markdown(numbers: pd.DataFrame, significance: dict | None = None) -> str:
+    """Cells "mean ± std"; in every column the best student of each size is bold (ties at 2 decimals all bold).
+    With `significance` ({(method, student, reference): {"average": Interval, ...}}), two more columns: each
+    student's average difference to SFT w/o KD and to MiniLLM, starred where its paired bootstrap 95% interval
+    excludes 0 (pipeline/significance.py)."""
     sets = [column.removesuffix("_mean") for column in numbers.columns if column.endswith("_mean")]
     rows = []
     for _, row in numbers.iterrows():
@@ -126,6 +133,11 @@ def table1_markdown(numbers: pd.DataFrame) -> str:
         average = f"{row['average']:.2f}"
         cells["Avg."] = f"**{average}**" if best("average") else average
         cells["Δ teacher"] = "" if row["method"] == "teacher" else f"{row['gap_to_teacher']:+.2f}"
+        if significance is not None:
+            for reference in SIGNIFICANCE_REFERENCES:
+                interval = significance.get((row["method"], row["student"], reference), {}).get("average")
+                cells[f"vs {METHOD_NAMES[reference]}"] = "" if interval is None else (
+                    f"{interval.difference:+.2f}" + ("*" if interval.significant else ""))
         rows.append(cells)
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)  # keep "-8.00", not -8
 
@@ -506,22 +518,63 @@ def save_figure(figure, path: str) -> None:
 
 
 
+def significance_tests(evaluations: list[EvalMetrics], predictions: Path, seed: int) -> dict:
+    """{(method, student, reference): {set or "average": Interval}} for every student method against each of
+    SIGNIFICANCE_REFERENCES of the same size, from the per-prompt scores in `predictions`/<name>/<set>.jsonl."""
+    scores = {(e.method, e.student, e.train_seed): significance.read_scores(predictions / e.name, ordered_sets(e.sets))
+              for e in evaluations if e.method != "teacher"}
+    tests = {}
+    for method, student, _ in scores:
+        for reference in SIGNIFICANCE_REFERENCES:
+            if method != reference and (method, student, reference) not in tests:
+                intervals = significance.compare(scores, method, reference, student, seed)
+                if intervals is not None:
+                    tests[(method, student, reference)] = intervals
+    return tests
+
+
+def significance_markdown(tests: dict) -> str:
+    """reports/significance.md: every interval, a table per reference."""
+    parts = ["# Paired bootstrap 95% intervals of Rouge-L differences", "",
+             "Method minus reference, same student size; paired by training seed, sampling seed and prompt; "
+             f"{significance.RESAMPLES} resamples of training seeds, sampling seeds and prompts (pipeline/significance.py). "
+             "`*`: the interval excludes 0. With a single training seed the intervals cover the variation over sampling "
+             "seeds and prompts only, not that of training: list several `train_seeds` to include it.", ""]
+    for reference in SIGNIFICANCE_REFERENCES:
+        rows = []
+        for (method, student, ref), intervals in sorted(tests.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
+            if ref != reference:
+                continue
+            row = {"Model": student, "Method": METHOD_NAMES[method]}
+            for name, interval in intervals.items():
+                row[SET_NAMES.get(name, "Avg.")] = (f"{interval.difference:+.2f} [{interval.low:+.2f}, {interval.high:+.2f}]"
+                                                    + ("*" if interval.significant else ""))
+            rows.append(row)
+        if rows:
+            parts += [f"## Against {METHOD_NAMES[reference]}", "", pd.DataFrame(rows).to_markdown(index=False), ""]
+    return "\n".join(parts)
+
+
 def write_report(params, evaluations: list[EvalMetrics], init_curves: list[Path], distill_curves: list[Path],
-                 training: TrainingMetrics, out: Path) -> str:
-    """Every file of REPORT_FILES into `out`, from the evaluations and the training curves (train.csv and valid.csv
-    of each run, see validation_curves); returns Table 1 as markdown."""
+                 training: TrainingMetrics, predictions: Path, out: Path) -> str:
+    """Every file of REPORT_FILES into `out`, from the evaluations (their metrics files, and the per-prompt scores
+    in `predictions`) and the training curves (train.csv and valid.csv of each run, see validation_curves);
+    returns Table 1 as markdown."""
     results = long_results(evaluations)
     atomic_write_text(out / "results.csv", results.to_csv(index=False))
     numbers = table1_numbers(results)
     atomic_write_text(out / "table1.csv", numbers.to_csv(index=False))
+    tests = significance_tests(evaluations, predictions, params.seed)
+    atomic_write_text(out / "significance.md", significance_markdown(tests))
     markdown = (
         "# Rouge-L (×100), mean ± std over sampling seeds "
         f"{', '.join(str(s) for s in params.evaluate.seeds)}"
         f" and student training seeds {', '.join(str(s) for s in params.train_seeds)}\n\n"
         "Laid out like Table 1 of the MiniLLM paper: bold marks the best student of each size per column; Avg. is "
-        "the mean over the sets, Δ teacher its difference to the teacher's. Generated by `dvc repro`; "
-        "the long format is results.csv, the numbers table1.csv.\n\n"
-        + table1_markdown(numbers) + "\n"
+        "the mean over the sets, Δ teacher its difference to the teacher's; vs SFT w/o KD and vs MiniLLM are the "
+        "differences of Avg., starred where a paired bootstrap 95% interval excludes 0 (every interval, per set too: "
+        "significance.md). Generated by `dvc repro`; the long format is results.csv, the numbers table1.csv.\n\n"
+        + table1_markdown(numbers, tests) + "\n"
     )
     atomic_write_text(out / "table1.md", markdown)
     averages, per_set = headline(numbers)

@@ -17,6 +17,7 @@ from pipeline.tracking import StageRun, ui_address
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--eval-metrics", required=True, help="the directory of the evaluate stages' metrics files")
+    parser.add_argument("--predictions", required=True, help="the directory of the evaluate stages' predictions")
     parser.add_argument("--init-metrics", required=True, help="the directory of init_student's metrics files")
     parser.add_argument("--distill-metrics", required=True, help="the directory of the distill stages' metrics files")
     parser.add_argument("--teacher-metrics", required=True, help="train_teacher's metrics file")
@@ -32,7 +33,8 @@ def main() -> None:
                                    train_teacher=Path(arguments.teacher_metrics),
                                    teacher_generate=Path(arguments.generate_metrics))
         markdown = write_report(params, evaluations, current_outputs(arguments.init_plots),
-                                current_outputs(arguments.distill_plots), training, Path(arguments.out))
+                                current_outputs(arguments.distill_plots), training, Path(arguments.predictions),
+                                Path(arguments.out))
         for name in REPORT_FILES:
             run.log_artifact(Path(arguments.out) / name)
         print(markdown)

@@ -48,6 +48,12 @@ def fake_metrics_tree(root: Path) -> None:
             metrics["exposure_bias"] = {"ex_acc_err_at": {"2": curve[1]}, "curve": {"l": [1, 2], "ex_acc_err": curve}}
         name = "teacher" if method == "teacher" else f"{method}-{student}-seed{train_seed}"
         write_json(root / "eval" / f"{name}.json", metrics)
+        # Predictions: two prompts per sampling seed, scored mean - 1 and mean + 1 (so the seed's mean is as above).
+        predictions = root.parent / "eval" / name
+        predictions.mkdir(parents=True, exist_ok=True)
+        for eval_set, per_seed in sets.items():
+            rows = [{"seed": seed, "rouge_l": mean + offset} for seed, mean in zip((10, 20), per_seed) for offset in (-1, 1)]
+            (predictions / f"{eval_set}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     write_json(root / "train_teacher.json", {"parameters": 5000})
     for train_seed, trained, wall in ((1, 100, 10.0), (2, 200, 20.0)):
         write_json(root / "init_student" / f"S-seed{train_seed}.json",
@@ -166,7 +172,7 @@ stages:
     plots: [{plots/distill/minillm/S-seed1/train.csv: {cache: false}}, {plots/distill/minillm/S-seed1/valid.csv: {cache: false}}]
   report:
     cmd: >-
-      python -m stages.report --eval-metrics metrics/eval --init-metrics metrics/init_student
+      python -m stages.report --eval-metrics metrics/eval --predictions eval --init-metrics metrics/init_student
       --distill-metrics metrics/distill --teacher-metrics metrics/train_teacher.json
       --generate-metrics metrics/teacher_generate.json --init-plots plots/init_student --distill-plots plots/distill
       --out reports
@@ -279,3 +285,39 @@ def test_methods_from_the_sft_init_count_it_in_their_cost(metrics_root: Path):
     assert cost["start_flops"] == init_flops
     assert cost["flops"] == init_flops + 6 * 1000 * 10 + 2 * 1000 * 5 + 2 * 5000 * 10
     assert report.training_cost(training_files(metrics_root), "S", 1, "kd")["start_flops"] == 0.0
+
+
+def test_paired_bootstrap_known_answers():
+    """Identical predictions: an interval of exactly 0, not significant. A constant shift: exactly that shift."""
+    import numpy as np
+
+    from pipeline.significance import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    zeros = {"a": np.zeros((2, 3, 8)), "b": np.zeros((2, 3, 16))}
+    for interval in paired_bootstrap(zeros, seed=1, resamples=200).values():
+        assert (interval.difference, interval.low, interval.high) == (0.0, 0.0, 0.0) and not interval.significant
+    shifted = {name: np.full(array.shape, 0.5) for name, array in zeros.items()}
+    for interval in paired_bootstrap(shifted, seed=1, resamples=200).values():
+        assert (interval.difference, interval.low, interval.high) == (0.5, 0.5, 0.5) and interval.significant
+    # Noise around a shift of 0.5: the interval holds 0.5 and narrows with more prompts.
+    widths = []
+    for prompts in (50, 5000):
+        noisy = {"a": 0.5 + rng.normal(size=(1, 2, prompts))}
+        interval = paired_bootstrap(noisy, seed=1, resamples=400)["average"]
+        assert interval.low < 0.5 < interval.high
+        widths.append(interval.high - interval.low)
+    assert widths[1] < widths[0] / 5
+
+
+def test_significance_pairs_methods_by_training_seed(metrics_root: Path):
+    tests = report.significance_tests(eval_files(metrics_root), metrics_root.parent / "eval", seed=0)
+    minillm_vs_sft = tests[("minillm", "S", "sft")]
+    # MiniLLM - SFT per training seed and sampling seed, dollyeval: 25-20, 27-22, 29-24, 31-26 = 5 everywhere;
+    # sni: 38-40, 40-42, 40-44, 42-46 = -2, -2, -4, -4.
+    assert minillm_vs_sft["dollyeval"].difference == pytest.approx(5.0)
+    assert minillm_vs_sft["sni"].difference == pytest.approx(-3.0)
+    assert minillm_vs_sft["average"].difference == pytest.approx(1.0)
+    assert minillm_vs_sft["dollyeval"].significant  # every pair differs by exactly 5: a constant shift
+    assert ("sft", "S", "sft") not in tests and ("minillm", "S", "minillm") not in tests
+    assert ("teacher", "T", "sft") not in tests
