@@ -88,3 +88,15 @@ def test_a_removed_stage_loses_its_outputs_and_lock_entry(project: Path, capsys:
 def test_no_lock_yet_is_nothing_to_prune(project: Path):
     assert prune_removed_stages("dvc.lock") == []
     assert not (project / "dvc.lock").exists()
+
+
+def test_declaration_of_a_matrix_stage_from_any_directory_and_of_a_missing_one(project: Path, monkeypatch):
+    from pipeline.config import ConfigError
+    from pipeline.dvc_stages import declaration
+
+    (project / "params.yaml").write_text(yaml.safe_dump({"students": ["a", "b"], "train_seeds": [1, 2]}))
+    monkeypatch.chdir(project.parent)  # the tests read stages of a project elsewhere
+    found = declaration("train@b-2", project)
+    assert (found.cmd, found.outs) == ("true", ("models/b/seed2", "metrics/eval/b-seed2.json"))
+    with pytest.raises(ConfigError, match=r"^dvc.yaml: no stage train@c-1 with the current params.yaml$"):
+        declaration("train@c-1", project)

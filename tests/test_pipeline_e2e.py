@@ -184,7 +184,7 @@ def test_two_queued_experiments_run_at_once_and_share_the_mlflow_store(pipeline)
     diff = json.loads(run(["dvc", "metrics", "diff", *experiments, "--json"], workdir, env).stdout)
     assert {"reports/summary.json", "reports/summary_sets.json"} <= diff.keys(), diff
     # The README's command for a terminal: the changed param and each model's average, nothing per set.
-    table = run(readme_command("dvc exp show --only-changed"), workdir, env | {"COLUMNS": "300"}).stdout
+    table = run(readme_command("dvc exp show --only-changed"), workdir, env | {"COLUMNS": "2000"}).stdout  # 15 models wide
     header = next(line for line in table.splitlines() if "Experiment" in line).split()
     changed = {model for model in first if first[model] != second[model]}  # --only-changed drops unchanged ones
     assert header[0] == "Experiment" and header[-1] == "evaluate.seeds", table
