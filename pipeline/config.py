@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 # The protocol's vocabulary, defined once: the models Table 1 compares (its rows, in order; every method but the
 # teacher trains a student) and the evaluation sets (its columns, in order; the same names at paper scale).
-METHODS: tuple[str, ...] = ("teacher", "sft", "kd", "seqkd", "minillm", "gkd", "distillm", "opd")
+METHODS: tuple[str, ...] = ("teacher", "sft", "sft_long", "kd", "seqkd", "minillm", "gkd", "distillm", "opd")
 EVAL_SETS: tuple[str, ...] = ("dollyeval", "selfinst", "vicunaeval", "sni", "unni")
 
 # The token-level divergences of pipeline/losses.py, by the name params.yaml gives them. Defined here, not there,
@@ -171,12 +171,26 @@ class PretrainStage(Strict):
 
 
 class SFTStage(Strict):
-    epochs: int = Field(gt=0)
+    epochs: int | None = Field(default=None, gt=0)
+    steps: int | None = Field(default=None, gt=0)  # instead of epochs: this many optimiser steps, epochs running on
     batch_size: int = Field(gt=0)  # global batch, over all processes and accumulation steps
     micro_batch_size: int = Field(gt=0)
     optimizer: Optimizer
     eval_every: int = Field(gt=0)  # optimiser steps between validation Rouge-L / loss checks
     eval_max_new_tokens: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _one_length(self):
+        if (self.epochs is None) == (self.steps is None):
+            raise ValueError("give exactly one of epochs and steps")
+        return self
+
+
+class SFTLongMethod(Strict):
+    """The longer-SFT control: SFT w/o KD continued from MiniLLM's start (the init picked by validation loss) for as
+    many optimiser steps as MiniLLM takes, so that MiniLLM's gain can be told apart from more training."""
+
+    train: SFTStage
 
 
 class KDMethod(Strict):
@@ -327,6 +341,7 @@ class OPDMethod(Strict):
 
 
 class Distill(Strict):
+    sft_long: SFTLongMethod
     kd: KDMethod
     seqkd: SeqKDMethod
     minillm: MiniLLMMethod
@@ -368,6 +383,13 @@ class Params(Strict):
     def _train_seeds_distinct(self):
         if len(set(self.train_seeds)) != len(self.train_seeds):
             raise ValueError(f"train_seeds {self.train_seeds}: repeated seed (each one names a DVC stage)")
+        return self
+
+    @model_validator(mode="after")
+    def _sft_long_matches_minillm(self):
+        if self.distill.sft_long.train.steps != self.distill.minillm.steps:
+            raise ValueError(f"distill.sft_long.train.steps ({self.distill.sft_long.train.steps}) must equal "
+                             f"distill.minillm.steps ({self.distill.minillm.steps}): the control trains as many steps")
         return self
 
     @model_validator(mode="after")

@@ -28,8 +28,8 @@ from pipeline import eval_metrics, significance
 from pipeline.config import EVAL_SETS, METHODS
 from pipeline.io import atomic_write_json, atomic_write_text
 
-METHOD_NAMES = {"teacher": "Teacher", "sft": "SFT w/o KD", "kd": "KD", "seqkd": "SeqKD", "minillm": "MiniLLM", "gkd": "GKD",
-                "distillm": "DistiLLM", "opd": "OPD"}
+METHOD_NAMES = {"teacher": "Teacher", "sft": "SFT w/o KD", "sft_long": "Longer SFT", "kd": "KD", "seqkd": "SeqKD",
+                "minillm": "MiniLLM", "gkd": "GKD", "distillm": "DistiLLM", "opd": "OPD"}
 SET_NAMES = {"dollyeval": "DollyEval", "selfinst": "SelfInst", "vicunaeval": "VicunaEval", "sni": "S-NI", "unni": "UnNI"}
 MEASUREMENTS = ["ece", "token_accuracy", "response_words", *(f"distinct_{n}" for n in eval_metrics.DISTINCT_N)]
 
@@ -37,7 +37,7 @@ MEASUREMENTS = ["ece", "token_accuracy", "response_words", *(f"distinct_{n}" for
 SIGNIFICANCE_REFERENCES = ("sft", "minillm")
 
 # The methods whose training starts from init_student's checkpoint (dvc.yaml's --start): their cost includes it.
-STARTS_FROM_SFT = ("minillm", "gkd", "distillm", "opd")
+STARTS_FROM_SFT = ("sft_long", "minillm", "gkd", "distillm", "opd")
 
 # MINILLM_SPEC.md §6: the paper's published Table 1 cells (GPT-2 family, Rouge-L), keyed by (model size, method).
 PAPER_TABLE1 = {
@@ -408,7 +408,7 @@ def measurements_markdown(measurements: pd.DataFrame, by_length: pd.DataFrame, e
                                       "teacher_forward_tokens": "teacher-forward tokens", "flops": "training FLOPs",
                                       "wall_time_s": "wall time (s)", "average": "avg. Rouge-L"})
         parts += ["## Cost per method", "",
-                  "From the pre-trained student (MiniLLM, GKD, DistiLLM and OPD include the SFT initialisation they start "
+                  "From the pre-trained student (Longer SFT, MiniLLM, GKD, DistiLLM and OPD include the SFT initialisation they start "
                   "from; teacher SFT and pre-training "
                   "excluded). FLOPs = 6·N_student·trained tokens + 2·N_student·generated tokens + 2·N_teacher·teacher-forward tokens.", "",
                   table.to_markdown(index=False, floatfmt=".3g"), ""]

@@ -117,7 +117,7 @@ def train_sft(
         raise ConfigError(
             f"{stage_key}.batch_size ({stage.batch_size}) is larger than the training set ({len(train_split)} examples)"
         )
-    total_steps = stage.epochs * steps_per_epoch
+    total_steps = stage.steps or stage.epochs * steps_per_epoch
     example_lengths = np.diff(train_split.offsets)
     model_engine = engine.initialize(model, stage.optimizer, total_steps, stage.micro_batch_size, grad_accum, engine_config)
     pad = tokenizer.pad_token_id

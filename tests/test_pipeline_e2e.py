@@ -25,7 +25,7 @@ from tests.workspace import copy_sources, run
 REPO = Path(__file__).resolve().parents[1]
 STUDENTS = ("tiny", "tiny2")  # tests/micro_params.yaml: two students, so every student stage is a matrix
 TRAIN_SEED = 1234  # tests/micro_params.yaml train_seeds
-METHODS = {"teacher", "sft", "kd", "seqkd", "minillm", "gkd", "distillm", "opd"}
+METHODS = {"teacher", "sft", "sft_long", "kd", "seqkd", "minillm", "gkd", "distillm", "opd"}
 EVALUATIONS = {"evaluate_teacher"} | {f"evaluate_sft@{s}-{TRAIN_SEED}" for s in STUDENTS} | {
     f"evaluate@{m}-{s}-{TRAIN_SEED}" for m in METHODS - {"teacher", "sft"} for s in STUDENTS}
 STAGES = {"check_params", "build_data", "pretrain_teacher", "train_teacher", "teacher_generate", "report"} | EVALUATIONS | {
