@@ -189,6 +189,22 @@ def test_sft_resumes_bit_identically_and_keeps_the_best_by_validation(world, tmp
     assert reference.best_rouge_l == max(point["valid_rouge_l"] for point in reference.valid_curve)
 
 
+def test_sft_for_a_number_of_steps_runs_them_across_epochs_and_resumes(world, tmp_path, monkeypatch):
+    """The longer-SFT control's `steps` (instead of epochs): one epoch and 3 more steps, killed in the second epoch."""
+    monkeypatch.chdir(tmp_path)
+    per_epoch = len(world["train"]) // 8
+    stage = SFTStage(steps=per_epoch + 3, batch_size=8, micro_batch_size=4, optimizer=optimizer(2e-3), eval_every=2,
+                     eval_max_new_tokens=6)
+
+    def fresh():
+        return dict(model=copy.deepcopy(world["student"]), tokenizer=world["tokenizer"], train_split=world["train"],
+                    valid_split=world["valid"], valid_records=world["records"], stage=stage, stage_key="sft_steps", seed=3)
+
+    reference, resumed = uninterrupted_and_resumed(train_sft, world, "sft_steps", per_epoch + 2, fresh)
+    assert comparable(resumed) == comparable(reference)
+    assert [point["step"] for point in reference.train_curve] == list(range(1, per_epoch + 4))
+
+
 def test_pretraining_resumes_bit_identically(world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = PretrainStage(steps=6, batch_size=4, micro_batch_size=2, optimizer=optimizer(1e-3))
