@@ -292,7 +292,8 @@ def main() -> None:
         for grid in grids.values():
             for command in queue_commands(grid):
                 print(" ".join(command), flush=True)
-                subprocess.run(command, check=True)
+                # DVC of this interpreter's environment, activated or not
+                subprocess.run([sys.executable, "-m", *command], check=True)
         print("queued; run them with `dvc queue start -j 2`, then `python -m pipeline.tuning report`")
     else:
         collected = collect(Path("."), grids, protocol)
