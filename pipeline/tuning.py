@@ -3,7 +3,7 @@ each configuration runs its method's training stage (and what that stage needs) 
 method's pick is the configuration with the best validation Rouge-L. The evaluation sets are never read.
 
     python -m pipeline.tuning queue sft kd seqkd        # queue each method's grid: `dvc exp run --queue` per configuration
-    dvc queue start -j 2                                # run them (`dvc queue status` shows progress)
+    dvc queue start -j 1                                # run them, one at a time (`dvc queue status` shows progress)
     python -m pipeline.tuning report                    # reports/tuning.md and tuning.json: every run's score, the picks
 
 The grids are configs/tuning/<method>.yaml; configs/tuning/protocol.yaml holds what every method shares: the number of
@@ -294,7 +294,7 @@ def main() -> None:
                 print(" ".join(command), flush=True)
                 # DVC of this interpreter's environment, activated or not
                 subprocess.run([sys.executable, "-m", *command], check=True)
-        print("queued; run them with `dvc queue start -j 2`, then `python -m pipeline.tuning report`")
+        print("queued; run them with `dvc queue start -j 1`, then `python -m pipeline.tuning report`")
     else:
         collected = collect(Path("."), grids, protocol)
         write_report(collected, grids, protocol, Path(arguments.out))
