@@ -301,7 +301,6 @@ def main() -> None:
         for method, runs in collected.items():
             best = pick(runs)
             print(f"{method}: {best.name} {best.configuration} validation {best.score:.2f}")
-        sys.stdout.flush()
 
 
 if __name__ == "__main__":

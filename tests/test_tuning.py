@@ -37,8 +37,9 @@ def test_every_method_has_a_grid_of_the_same_budget_whose_runs_read_no_evaluatio
     assert not [name for name in runs if name.startswith(("evaluate", "report"))], runs
     assert not [dep for name in runs for dep in stages[name].deps if dep.startswith(protocol.evaluation_sets)]
     # Every key is a key of params.yaml (a KeyError otherwise).
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
     for key in grid.grid:
-        value = yaml.safe_load((REPO / "params.yaml").read_text())
+        value = params
         for part in key.split("."):
             value = value[part]
 
