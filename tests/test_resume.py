@@ -91,6 +91,7 @@ def workspace(tmp_path_factory):
     # 4 mini-batches of 2 (micro-batches of 1) per inner epoch, 2 inner epochs: rounds of 8 steps; 10 steps cross
     # a round boundary, and checkpoints every 2 steps fall mid-epoch, at an epoch boundary and at a round boundary.
     params["distill"]["minillm"].update(steps=10, batch_size=2, micro_batch_size=1, inner_epochs=2)
+    params["distill"]["sft_long"]["train"]["steps"] = 10  # the control trains as many steps as MiniLLM
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow-test.db'}", "OMP_NUM_THREADS": "2"}
     for inherited in ("DVC_ROOT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
