@@ -19,16 +19,21 @@ import numpy as np
 RESAMPLES = 2000
 
 
+def scores_by_seed(lines) -> np.ndarray:
+    """Rouge-L [sampling seeds, prompts] from the lines of a predictions file, seeds in the order they appear."""
+    by_seed: dict[int, list[float]] = {}
+    for line in lines:
+        row = json.loads(line)
+        by_seed.setdefault(row["seed"], []).append(row["rouge_l"])
+    return np.array(list(by_seed.values()), dtype=np.float64)
+
+
 def read_scores(prediction_dir: Path, sets: list[str]) -> dict[str, np.ndarray]:
-    """{set: Rouge-L [sampling seeds, prompts]} from a predictions directory, seeds in the order they appear."""
+    """{set: Rouge-L [sampling seeds, prompts]} from a predictions directory."""
     scores = {}
     for set_name in sets:
-        by_seed: dict[int, list[float]] = {}
         with open(prediction_dir / f"{set_name}.jsonl", encoding="utf-8") as handle:
-            for line in handle:
-                row = json.loads(line)
-                by_seed.setdefault(row["seed"], []).append(row["rouge_l"])
-        scores[set_name] = np.array(list(by_seed.values()), dtype=np.float64)
+            scores[set_name] = scores_by_seed(handle)
     return scores
 
 

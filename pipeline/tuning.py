@@ -234,40 +234,63 @@ def pick(runs: list[TuningRun]) -> TuningRun:
     return max(runs, key=lambda run: (run.score, -run.index))
 
 
+def method_entry(runs: list[TuningRun], grid: MethodGrid) -> dict:
+    """A method's record in tuning.json: every run of its latest baseline, and the pick."""
+    best = pick(runs)
+    return {"stage": grid.stage, "baseline": best.baseline, "experiment": best.name, "score": best.score,
+            "pick": best.configuration,
+            "missing": sorted(set(range(len(grid.configurations()))) - {run.index for run in runs}),
+            "runs": [{"experiment": r.name, "configuration": r.configuration, "score": r.score} for r in runs]}
+
+
+def merge_entries(collected: dict[str, list[TuningRun]], grids: dict[str, MethodGrid], previous: dict) -> dict:
+    """The methods tuned now, and the previous report's record of the others: experiments live in one clone's
+    refs/exps, so a report written elsewhere keeps what it cannot see, unless that method's grid has changed since."""
+    entries = {}
+    for method, grid in grids.items():
+        if method in collected:
+            entries[method] = method_entry(collected[method], grid)
+        elif method in previous and all(set(run["configuration"]) == set(grid.grid) for run in previous[method]["runs"]):
+            entries[method] = previous[method]
+    return entries
+
+
 def write_report(collected: dict[str, list[TuningRun]], grids: dict[str, MethodGrid], protocol: Protocol,
                  out: Path) -> None:
     from pipeline.io import atomic_write_json, atomic_write_text
 
+    previous_path = out / "tuning.json"
+    previous = json.loads(previous_path.read_text()) if previous_path.is_file() else {}
+    entries = merge_entries(collected, grids, previous)
     lines = ["# Tuning on validation", "",
              f"Every method gets {protocol.configurations_per_method} configurations (configs/tuning/<method>.yaml); each "
              f"runs its method's training stage only, and its score is the stage's `{protocol.score}` (mean over "
              "students and training seeds): the validation Rouge-L of the checkpoint the stage keeps, one sample per "
              "validation prompt, its best over the stage's validations. No evaluation set is read. The pick is the best "
              "score; params.yaml commits it. Regenerate: `python -m pipeline.tuning queue <methods>`, "
-             "`dvc queue start`, `python -m pipeline.tuning report` (README, \"Tuning on validation\").", ""]
-    picks = {}
+             "`dvc queue start`, `python -m pipeline.tuning report` (README, \"Tuning on validation\").", "",
+             "One validation score is the mean over the validation prompts of one sample each, so it carries sampling "
+             "noise: the same model scores differently under another sampling seed. Read differences of a few points "
+             "between configurations as noise, not as a ranking.", ""]
     for method, grid in grids.items():
-        runs = collected.get(method, [])
         lines += [f"## {method} (stage `{grid.stage}`)", ""]
-        if not runs:
+        if method not in entries:
             lines += ["Not tuned: no tune-" + method + "-<k> experiment found.", ""]
             continue
-        best = pick(runs)
-        missing = sorted(set(range(len(grid.configurations()))) - {run.index for run in runs})
-        lines += [f"Baseline commit {runs[0].baseline[:7]}."
-                  + (f" Missing (failed or not run): configurations {missing}." if missing else ""), "",
+        entry = entries[method]
+        lines += [f"Baseline commit {entry['baseline'][:7]}."
+                  + (" Carried from the previous report: its experiments are not in this clone." if method not in collected
+                     else "")
+                  + (f" Missing (failed or not run): configurations {entry['missing']}." if entry.get("missing") else ""),
+                  "",
                   "| experiment | " + " | ".join(f"`{key}`" for key in grid.grid) + f" | {protocol.score} | |",
                   "|---" * (len(grid.grid) + 3) + "|"]
-        for run in runs:
-            lines.append(f"| {run.name} | " + " | ".join(str(run.configuration[key]) for key in grid.grid)
-                         + f" | {run.score:.2f} | {'**pick**' if run is best else ''} |")
+        for run in entry["runs"]:
+            lines.append(f"| {run['experiment']} | " + " | ".join(str(run["configuration"][key]) for key in grid.grid)
+                         + f" | {run['score']:.2f} | {'**pick**' if run['experiment'] == entry['experiment'] else ''} |")
         lines.append("")
-        picks[method] = {"stage": grid.stage, "baseline": best.baseline, "experiment": best.name,
-                         "score": best.score, "pick": best.configuration,
-                         "runs": [{"experiment": r.name, "configuration": r.configuration, "score": r.score}
-                                  for r in runs]}
     atomic_write_text(out / "tuning.md", "\n".join(lines))
-    atomic_write_json(out / "tuning.json", picks)
+    atomic_write_json(out / "tuning.json", entries)
 
 
 def main() -> None:

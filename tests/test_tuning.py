@@ -140,6 +140,27 @@ def test_report_reads_every_experiment_and_picks_the_best_validation_score(exper
     assert "| tune-kd-1 | 1.0 | 24.00 | **pick** |" in (tmp_path / "tuning.md").read_text()
 
 
+def test_report_keeps_the_previous_record_of_a_method_it_cannot_see_unless_its_grid_changed(experiments, tmp_path):
+    root, baseline, _, protocol, grid = experiments
+    seqkd = tuning.MethodGrid("seqkd", "distill_seqkd", "metrics/distill/seqkd", {"distill.seqkd.kd_ratio": [0.0, 0.5]})
+    sft = tuning.MethodGrid("sft", "init_student", "metrics/init_student", {"init_student.epochs": [4, 8]})
+    old_run = {"experiment": "tune-seqkd-1", "configuration": {"distill.seqkd.kd_ratio": 0.5}, "score": 17.0}
+    previous = {"seqkd": {"stage": "distill_seqkd", "baseline": "f" * 40, "experiment": "tune-seqkd-1", "score": 17.0,
+                          "pick": {"distill.seqkd.kd_ratio": 0.5}, "missing": [0], "runs": [old_run]},
+                "sft": {"stage": "init_student", "baseline": "f" * 40, "experiment": "tune-sft-0", "score": 9.0,
+                        "pick": {"init_student.lr": 1.0}, "missing": [],
+                        "runs": [{"experiment": "tune-sft-0", "configuration": {"init_student.lr": 1.0}, "score": 9.0}]}}
+    (tmp_path / "tuning.json").write_text(json.dumps(previous))
+    grids = {"kd": grid, "seqkd": seqkd, "sft": sft}
+    tuning.write_report(tuning.collect(root, grids, protocol), grids, protocol, tmp_path)
+    picks = json.loads((tmp_path / "tuning.json").read_text())
+    assert set(picks) == {"kd", "seqkd"} and picks["seqkd"] == previous["seqkd"] and picks["kd"]["baseline"] == baseline
+    report = (tmp_path / "tuning.md").read_text()
+    assert "| tune-seqkd-1 | 0.5 | 17.00 | **pick** |" in report and "Carried from the previous report" in report
+    assert "Missing (failed or not run): configurations [0]" in report
+    assert "Not tuned: no tune-sft-<k> experiment found." in report  # its grid changed: the old record is dropped
+
+
 def test_a_tie_goes_to_the_earlier_configuration():
     runs = [tuning.TuningRun("tune-kd-1", 1, "c", "b", {}, 20.0, 1), tuning.TuningRun("tune-kd-0", 0, "c", "b", {}, 20.0, 1)]
     assert tuning.pick(runs).name == "tune-kd-0"
