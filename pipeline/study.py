@@ -40,6 +40,8 @@ BOOTSTRAP_SEED = 0
 class StudyConfig:
     worlds: tuple[int, ...]
     train_seeds: tuple[int, ...]
+    metrics: str = ""  # the evaluate stages' metrics directory (dvc.yaml), in git
+    predictions: str = ""  # and their predictions directory, in the DVC cache
 
 
 def load_config(path: Path) -> StudyConfig:
@@ -50,7 +52,11 @@ def load_config(path: Path) -> StudyConfig:
         values = content.get(key)
         if not isinstance(values, list) or not values or not all(isinstance(v, int) for v in values):
             raise ConfigError(f"{path}: {key}: a non-empty list of integers")
-    return StudyConfig(tuple(content["worlds"]), tuple(content["train_seeds"]))
+    for key in ("metrics", "predictions"):
+        if not isinstance(content.get(key), str):
+            raise ConfigError(f"{path}: {key}: a directory of dvc.yaml's evaluate outputs")
+    return StudyConfig(tuple(content["worlds"]), tuple(content["train_seeds"]), content["metrics"],
+                       content["predictions"])
 
 
 def queue_commands(config: StudyConfig) -> list[list[str]]:
@@ -81,23 +87,23 @@ def world_experiments(root: Path) -> dict[int, tuple[str, str]]:
     return {world: (commit, baseline) for _, baseline, world, commit in sorted(found) if baseline == latest}
 
 
-def world_scores(root: Path, commit: str) -> dict[tuple[str, str, int], dict[str, np.ndarray]]:
+def world_scores(root: Path, commit: str, config: StudyConfig) -> dict[tuple[str, str, int], dict[str, np.ndarray]]:
     """{(method, student, train seed): {set: Rouge-L [sampling seeds, prompts]}} of one experiment: the metrics files
     from git, the per-prompt predictions (DVC outputs) from the cache."""
     import dvc.api
 
     scores = {}
-    for path in _git("ls-tree", "-r", "--name-only", commit, "--", "metrics/eval", root=root).split():
+    for path in _git("ls-tree", "-r", "--name-only", commit, "--", config.metrics, root=root).split():
         metrics = json.loads(_git("show", f"{commit}:{path}", root=root))
         if metrics["method"] == "teacher":
             continue
         name = Path(path).stem  # also the name of its predictions directory (dvc.yaml)
         scores[(metrics["method"], metrics["student"], metrics["train_seed"])] = {
             set_name: significance.scores_by_seed(
-                dvc.api.read(f"eval/{name}/{set_name}.jsonl", repo=str(root), rev=commit).splitlines())
+                dvc.api.read(f"{config.predictions}/{name}/{set_name}.jsonl", repo=str(root), rev=commit).splitlines())
             for set_name in metrics["sets"]}
     if not scores:
-        raise ConfigError(f"experiment {commit[:7]}: no evaluation metrics under metrics/eval")
+        raise ConfigError(f"experiment {commit[:7]}: no evaluation metrics under {config.metrics}")
     return scores
 
 
@@ -248,7 +254,7 @@ def main() -> None:
         if unknown:
             raise ConfigError(f"{arguments.config}: worlds: {unknown} not listed (worlds: {list(config.worlds)})")
         if arguments.worlds:
-            config = StudyConfig(tuple(arguments.worlds), config.train_seeds)
+            config = StudyConfig(tuple(arguments.worlds), config.train_seeds, config.metrics, config.predictions)
         for command in queue_commands(config):
             print(" ".join(command), flush=True)
             subprocess.run([sys.executable, "-m", *command], check=True)  # DVC of this interpreter's environment
@@ -263,7 +269,7 @@ def main() -> None:
         raise ConfigError("no study-world<seed> experiment found: run `python -m pipeline.study queue` first")
     found: dict[str, dict[int, WorldSummary]] = {}
     for world, (commit, baseline) in sorted(experiments.items()):
-        scores = world_scores(root, commit)
+        scores = world_scores(root, commit, config)
         for student in sorted({s for (_, s, _) in scores}):
             found.setdefault(student, {})[world] = summarize_world(scores, student, baseline)
     summaries = merge_worlds(found, previous)
