@@ -21,7 +21,7 @@ import json
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,7 @@ from pipeline import significance
 from pipeline.config import METHODS, ConfigError, exit_on_user_error
 from pipeline.report import METHOD_NAMES, SIGNIFICANCE_REFERENCES
 from pipeline.significance import Interval
+from pipeline.tuning import git
 
 EXPERIMENT_NAME = re.compile(r"study-world(?P<world>\d+)")
 BOOTSTRAP_SEED = 0
@@ -68,19 +69,15 @@ def queue_commands(config: StudyConfig) -> list[list[str]]:
 
 # --- reading the experiments back --------------------------------------------------------------------------------
 
-def _git(*arguments: str, root: Path) -> str:
-    return subprocess.run(["git", *arguments], cwd=root, check=True, capture_output=True, text=True).stdout
-
-
 def world_experiments(root: Path) -> dict[int, tuple[str, str]]:
     """{world seed: (commit, baseline)} of the study-world<seed> experiments on the latest baseline that has any."""
     found = []
-    for line in _git("for-each-ref", "refs/exps", "--format=%(objectname) %(refname)", root=root).splitlines():
+    for line in git("for-each-ref", "refs/exps", "--format=%(objectname) %(refname)", root=root).splitlines():
         commit, ref = line.split()
         match = EXPERIMENT_NAME.fullmatch(ref.rsplit("/", 1)[-1])
         if match:
-            baseline = _git("rev-parse", f"{commit}^", root=root).strip()
-            found.append((int(_git("show", "-s", "--format=%ct", baseline, root=root)), baseline, int(match["world"]), commit))
+            baseline = git("rev-parse", f"{commit}^", root=root).strip()
+            found.append((int(git("show", "-s", "--format=%ct", baseline, root=root)), baseline, int(match["world"]), commit))
     if not found:
         return {}
     latest = max(found)[1]
@@ -93,8 +90,8 @@ def world_scores(root: Path, commit: str, config: StudyConfig) -> dict[tuple[str
     import dvc.api
 
     scores = {}
-    for path in _git("ls-tree", "-r", "--name-only", commit, "--", config.metrics, root=root).split():
-        metrics = json.loads(_git("show", f"{commit}:{path}", root=root))
+    for path in git("ls-tree", "-r", "--name-only", commit, "--", config.metrics, root=root).split():
+        metrics = json.loads(git("show", f"{commit}:{path}", root=root))
         if metrics["method"] == "teacher":
             continue
         name = Path(path).stem  # also the name of its predictions directory (dvc.yaml)
@@ -254,7 +251,7 @@ def main() -> None:
         if unknown:
             raise ConfigError(f"{arguments.config}: worlds: {unknown} not listed (worlds: {list(config.worlds)})")
         if arguments.worlds:
-            config = StudyConfig(tuple(arguments.worlds), config.train_seeds, config.metrics, config.predictions)
+            config = replace(config, worlds=tuple(arguments.worlds))
         for command in queue_commands(config):
             print(" ".join(command), flush=True)
             subprocess.run([sys.executable, "-m", *command], check=True)  # DVC of this interpreter's environment

@@ -166,7 +166,8 @@ def queue_commands(grid: MethodGrid) -> list[list[str]]:
 
 # --- reading the experiments back --------------------------------------------------------------------------------
 
-def _git(*arguments: str, root: Path) -> str:
+def git(*arguments: str, root: Path) -> str:
+    """The output of a git command in `root` (pipeline/study.py reads its experiments with it too)."""
     return subprocess.run(["git", *arguments], cwd=root, check=True, capture_output=True, text=True).stdout
 
 
@@ -191,7 +192,7 @@ class TuningRun:
 def experiment_refs(root: Path) -> dict[str, list[tuple[str, str]]]:
     """{method: [(experiment name, commit)]} of every tune-<method>-<k> experiment under refs/exps/."""
     found: dict[str, list[tuple[str, str]]] = {}
-    for line in _git("for-each-ref", "refs/exps", "--format=%(objectname) %(refname)", root=root).splitlines():
+    for line in git("for-each-ref", "refs/exps", "--format=%(objectname) %(refname)", root=root).splitlines():
         commit, ref = line.split()
         match = EXPERIMENT_NAME.fullmatch(ref.rsplit("/", 1)[-1])
         if match:
@@ -200,17 +201,17 @@ def experiment_refs(root: Path) -> dict[str, list[tuple[str, str]]]:
 
 
 def read_run(root: Path, name: str, commit: str, grid: MethodGrid, protocol: Protocol) -> TuningRun:
-    baseline = _git("rev-parse", f"{commit}^", root=root).strip()
-    changed = _git("diff", "--name-only", baseline, commit, "--", *protocol.evaluation_outputs, root=root).split()
+    baseline = git("rev-parse", f"{commit}^", root=root).strip()
+    changed = git("diff", "--name-only", baseline, commit, "--", *protocol.evaluation_outputs, root=root).split()
     if changed:
         raise ConfigError(f"experiment {name} ({commit[:7]}) changed evaluation outputs ({', '.join(changed[:3])}): "
                           "an evaluation ran in a tuning run")
-    params = yaml.safe_load(_git("show", f"{commit}:params.yaml", root=root))
-    files = [path for path in _git("ls-tree", "-r", "--name-only", commit, "--", grid.metrics, root=root).split()
+    params = yaml.safe_load(git("show", f"{commit}:params.yaml", root=root))
+    files = [path for path in git("ls-tree", "-r", "--name-only", commit, "--", grid.metrics, root=root).split()
              if path.endswith(".json")]
     if not files:
         raise ConfigError(f"experiment {name} ({commit[:7]}): no metrics under {grid.metrics}")
-    scores = [float(json.loads(_git("show", f"{commit}:{path}", root=root))[protocol.score]) for path in files]
+    scores = [float(json.loads(git("show", f"{commit}:{path}", root=root))[protocol.score]) for path in files]
     return TuningRun(name, int(EXPERIMENT_NAME.fullmatch(name)["index"]), commit, baseline,
                      {key: _dotted(params, key) for key in grid.grid}, sum(scores) / len(scores), len(files))
 
@@ -223,7 +224,7 @@ def collect(root: Path, grids: dict[str, MethodGrid], protocol: Protocol) -> dic
         runs = [read_run(root, name, commit, grid, protocol) for name, commit in refs.get(method, [])]
         if not runs:
             continue
-        times = {run.baseline: int(_git("show", "-s", "--format=%ct", run.baseline, root=root)) for run in runs}
+        times = {run.baseline: int(git("show", "-s", "--format=%ct", run.baseline, root=root)) for run in runs}
         latest = max(times, key=times.get)
         collected[method] = sorted((run for run in runs if run.baseline == latest), key=lambda run: run.index)
     return collected
