@@ -39,8 +39,7 @@ BOOTSTRAP_SEED = 0
 
 @dataclass(frozen=True)
 class StudyConfig:
-    worlds: tuple[int, ...]
-    train_seeds: tuple[int, ...]
+    worlds: dict[int, tuple[int, ...]]  # world seed -> its training seeds
     metrics: str = ""  # the evaluate stages' metrics directory (dvc.yaml), in git
     predictions: str = ""  # and their predictions directory, in the DVC cache
 
@@ -49,22 +48,25 @@ def load_config(path: Path) -> StudyConfig:
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
     content = yaml.safe_load(path.read_text()) or {}
-    for key in ("worlds", "train_seeds"):
-        values = content.get(key)
-        if not isinstance(values, list) or not values or not all(isinstance(v, int) for v in values):
-            raise ConfigError(f"{path}: {key}: a non-empty list of integers")
+    worlds = content.get("worlds")
+    if not isinstance(worlds, dict) or not worlds:
+        raise ConfigError(f"{path}: worlds: a mapping of world seed to its list of training seeds")
+    for world, seeds in worlds.items():
+        if not isinstance(world, int) or not isinstance(seeds, list) or not seeds \
+                or not all(isinstance(v, int) for v in seeds):
+            raise ConfigError(f"{path}: worlds: {world}: an integer world seed with a non-empty list of integer "
+                              "training seeds")
     for key in ("metrics", "predictions"):
         if not isinstance(content.get(key), str):
             raise ConfigError(f"{path}: {key}: a directory of dvc.yaml's evaluate outputs")
-    return StudyConfig(tuple(content["worlds"]), tuple(content["train_seeds"]), content["metrics"],
+    return StudyConfig({world: tuple(seeds) for world, seeds in worlds.items()}, content["metrics"],
                        content["predictions"])
 
 
 def queue_commands(config: StudyConfig) -> list[list[str]]:
-    """One `dvc exp run --queue` per world: the whole pipeline, with that world's seed and the study's training
-    seeds."""
+    """One `dvc exp run --queue` per world: the whole pipeline, with that world's seed and training seeds."""
     return [["dvc", "exp", "run", "--queue", "--name", f"study-world{world}", "-S", f"seed={world}",
-             "-S", f"train_seeds={json.dumps(list(config.train_seeds))}"] for world in config.worlds]
+             "-S", f"train_seeds={json.dumps(list(seeds))}"] for world, seeds in config.worlds.items()]
 
 
 # --- reading the experiments back --------------------------------------------------------------------------------
@@ -205,6 +207,9 @@ def study_markdown(summaries: dict[str, dict[int, WorldSummary]], config_path: s
                 seeds = ", ".join(f"{value:.2f}" for value in summary.per_seed[method])
                 lines.append(f"| {METHOD_NAMES[method]} | {interval_text(level)} | {seeds} | " + " | ".join(against) + " |")
             lines += ["", "Statistically tied first: " + ", ".join(METHOD_NAMES[m] for m in leaders(summary)) + ".", ""]
+            if len(summary.train_seeds) == 1:
+                lines += ["One training seed: these intervals hold the spread of sampling seeds and prompts only, not "
+                          "that of training, so they are narrower than a multi-seed world's.", ""]
         lines += [f"## Student {student}: across worlds", ""]
         for world, summary in by_world.items():
             order = sorted(summary.levels, key=lambda m: -summary.levels[m].difference)
@@ -251,7 +256,7 @@ def main() -> None:
         if unknown:
             raise ConfigError(f"{arguments.config}: worlds: {unknown} not listed (worlds: {list(config.worlds)})")
         if arguments.worlds:
-            config = replace(config, worlds=tuple(arguments.worlds))
+            config = replace(config, worlds={world: config.worlds[world] for world in arguments.worlds})
         for command in queue_commands(config):
             print(" ".join(command), flush=True)
             subprocess.run([sys.executable, "-m", *command], check=True)  # DVC of this interpreter's environment

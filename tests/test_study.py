@@ -63,13 +63,18 @@ def test_a_report_carries_the_worlds_of_the_previous_one_and_overrides_those_it_
 
 
 def test_queue_runs_the_whole_pipeline_per_world_and_the_config_is_checked(tmp_path):
-    config = study.StudyConfig(worlds=(1234, 7), train_seeds=(1, 2, 3))
-    assert study.queue_commands(config)[1] == ["dvc", "exp", "run", "--queue", "--name", "study-world7", "-S", "seed=7",
-                                               "-S", "train_seeds=[1, 2, 3]"]
-    (tmp_path / "study.yaml").write_text("worlds: [1, 2]\ntrain_seeds: seven\nmetrics: m\npredictions: p\n")
-    with pytest.raises(ConfigError, match=r"study.yaml: train_seeds: a non-empty list of integers"):
+    config = study.StudyConfig(worlds={1234: (1, 2, 3), 7: (1,)})
+    assert study.queue_commands(config) == [
+        ["dvc", "exp", "run", "--queue", "--name", "study-world1234", "-S", "seed=1234", "-S", "train_seeds=[1, 2, 3]"],
+        ["dvc", "exp", "run", "--queue", "--name", "study-world7", "-S", "seed=7", "-S", "train_seeds=[1]"]]
+    (tmp_path / "study.yaml").write_text("worlds: {1: [1], 2: seven}\nmetrics: m\npredictions: p\n")
+    with pytest.raises(ConfigError, match=r"study.yaml: worlds: 2: an integer world seed with a non-empty list"):
         study.load_config(tmp_path / "study.yaml")
-    assert study.load_config(Path(__file__).parents[1] / "configs" / "study.yaml").worlds[0] == 1234
+    (tmp_path / "study.yaml").write_text("worlds: [1, 2]\nmetrics: m\npredictions: p\n")
+    with pytest.raises(ConfigError, match=r"study.yaml: worlds: a mapping of world seed"):
+        study.load_config(tmp_path / "study.yaml")
+    committed = study.load_config(Path(__file__).parents[1] / "configs" / "study.yaml")
+    assert list(committed.worlds)[0] == 1234 and len(committed.worlds[1234]) >= 3  # the 3 training seeds
 
 
 def run(root: Path, *command: str) -> str:
@@ -100,6 +105,6 @@ def test_world_scores_reads_an_experiments_predictions_from_the_dvc_cache(tmp_pa
     run(root, "git", "update-ref", f"refs/exps/{baseline[:2]}/{baseline[2:]}/study-world7", experiment)
     shutil.rmtree(root / "eval")  # git-ignored by `dvc add`: only the cache holds the predictions now
     assert study.world_experiments(root) == {7: (experiment, baseline)}
-    scores = study.world_scores(root, experiment, study.StudyConfig((7,), (5,), "metrics/eval", "eval"))
+    scores = study.world_scores(root, experiment, study.StudyConfig({7: (5,)}, "metrics/eval", "eval"))
     assert list(scores) == [("kd", "s", 5)]
     np.testing.assert_array_equal(scores[("kd", "s", 5)]["sni"], [[10, 11, 12], [20, 21, 22]])
