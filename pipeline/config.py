@@ -234,8 +234,13 @@ class MiniLLMMethod(Strict):
     gamma: float = Field(ge=0, le=1)  # discounted form only (code: 0.95)
     length_normalized: bool
     whiten_advantages: bool
+    # Where the whitening statistics come from (minillm_loss.whiten, whiten_padded): "round" (ours) over the round's
+    # real tokens, once, per rank; "official_micro_batch" as LMOps: each micro-batch at the rollout's padded width,
+    # padding zeros included, recomputed at every micro-step, pooled over data-parallel ranks.
+    whitening: Literal["round", "official_micro_batch"] = "round"
     clip_eps: float = Field(gt=0)  # 0.2
     single_step: bool  # the exact per-token reverse KL term
+    single_step_weighted: bool = True  # paper: weighted by w_t; the official code drops w_t on purpose (LMOps #255)
     pt_coef: float = Field(ge=0)  # 1
     pt_batch_size: int = Field(gt=0)
     pt_teacher_kd_ratio: float = Field(ge=0, le=1)  # code: 0.5 teacher KD mixed into the PT term

@@ -37,7 +37,7 @@ from pipeline.data import build_prompt
 from pipeline.evaluation import score_records
 from pipeline.generation import Rollout, decode_responses, left_pad, sample
 from pipeline.hidden_states import FUSED_CHUNK, lm_head_weight, response_hidden_and_head
-from pipeline.minillm_loss import advantages, importance_weights, per_token_rewards, policy_loss
+from pipeline.minillm_loss import advantages, importance_weights, per_token_rewards, policy_loss, whiten_padded
 from pipeline.sft import cpu_state
 
 
@@ -79,7 +79,9 @@ def make_buffer(rollout: Rollout, config: MiniLLMMethod) -> RolloutBuffer:
     mask = rollout.response_mask
     weights = importance_weights(rollout.student_logprobs, rollout.teacher_logprobs, config.teacher_mix, config.max_importance_weight)
     rewards = per_token_rewards(rollout.teacher_logprobs, rollout.student_logprobs, mask, config.reward_scale, config.reward_clip)
-    advantage = advantages(rewards, mask, config.returns, config.gamma, config.length_normalized, config.whiten_advantages)
+    # The official whitening happens per micro-batch, in update_step: the buffer keeps the raw returns for it.
+    whiten_now = config.whiten_advantages and config.whitening == "round"
+    advantage = advantages(rewards, mask, config.returns, config.gamma, config.length_normalized, whiten_now)
     return RolloutBuffer(rollout=rollout, weights=weights, rewards=rewards, advantages=advantage)
 
 
@@ -100,20 +102,22 @@ def rollout_diagnostics(buffer: RolloutBuffer, teacher_mix: float) -> dict[str, 
     }
 
 
-def surrogate_sums(student, teacher, buffer: RolloutBuffer, rows: torch.Tensor, config: MiniLLMMethod) -> dict[str, torch.Tensor]:
-    """L_single and L_long summed over the response tokens of `rows` (plus the clip count and the entropy sum).
-    Both models' logits exist one chunk of positions at a time (losses.fused_head_reverse_kl, spec §8 pitfall 1)."""
+def surrogate_sums(student, teacher, buffer: RolloutBuffer, rows: torch.Tensor, config: MiniLLMMethod,
+                   advantage: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """L_single and L_long summed over the response tokens of `rows` (plus the clip count and the entropy sum), with
+    `advantage` the rows' A_t (default: the buffer's). Both models' logits exist one chunk of positions at a time
+    (losses.fused_head_reverse_kl, spec §8 pitfall 1)."""
     rollout, mask = buffer.rollout, buffer.rollout.response_mask[rows]
+    weights = buffer.weights[rows]
+    advantage = buffer.advantages[rows] if advantage is None else advantage
     student_hidden, student_head = response_hidden_and_head(student, rollout, rows)
     # The teacher's hidden states come from the rollout: it is frozen, so re-running it on every inner epoch
     # would recompute what sampling already did.
     logp_new, kl_sum, entropy_sum = losses.fused_head_reverse_kl(
         student_hidden, student_head, rollout.teacher_hidden[rows], lm_head_weight(teacher), rollout.response_ids[rows], mask,
-        weights=buffer.weights[rows], chunk_size=FUSED_CHUNK,
+        weights=weights if config.single_step_weighted else None, chunk_size=FUSED_CHUNK,  # None: w_t = 1
     )
-    long_sum, clipped = policy_loss(
-        logp_new, rollout.student_logprobs[rows], buffer.advantages[rows], buffer.weights[rows], mask, config.clip_eps
-    )
+    long_sum, clipped = policy_loss(logp_new, rollout.student_logprobs[rows], advantage, weights, mask, config.clip_eps)
     # Without the single-step term the KL is computed but left out of the loss, so it adds no gradient.
     single_sum = kl_sum if config.single_step else long_sum.new_zeros(())
     return {"single": single_sum, "long": long_sum, "clipped": clipped.float(), "entropy": torch.as_tensor(entropy_sum)}
@@ -202,7 +206,11 @@ def update_step(model_engine, teacher, buffer: RolloutBuffer, step_rows: np.ndar
 
     def micro_loss(micro_batch):
         rows, pt_indices = micro_batch
-        sums = surrogate_sums(model_engine, teacher, buffer, torch.from_numpy(rows), config)
+        rows = torch.from_numpy(rows)
+        advantage = buffer.advantages[rows]
+        if config.whiten_advantages and config.whitening == "official_micro_batch":
+            advantage = whiten_padded(advantage, lambda total: engine.global_sum(total, device))
+        sums = surrogate_sums(model_engine, teacher, buffer, rows, config, advantage)
         # With a zero coefficient the PT loss is only logged: its backward would add zeros, at full cost.
         with torch.set_grad_enabled(config.pt_coef > 0):
             pt_sum = pt_loss_sum(model_engine, teacher, pt_blocks[pt_indices].to(device), config.pt_teacher_kd_ratio)

@@ -13,7 +13,8 @@ positions, t = 0 .. T_i - 1 for a row of length T_i (right padding after that, m
     L_long = sum_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))                policy_loss
 
 The full loss is L = L_single + L_long + L_PT. The single-step part is the exact expectation of the current
-token's reward under q_theta, a per-token reverse KL over the vocabulary, weighted by w_t:
+token's reward under q_theta, a per-token reverse KL over the vocabulary, weighted by w_t (paper; the official code
+uses w_t = 1 there, single_step_weighted: false):
 
     L_single = sum_t w_t KL(q_theta(. | y_<t, x) || p(. | y_<t, x))
              = losses.reverse_kl(student_logits, teacher_logits.detach(), mask, weights=w, reduction="sum")
@@ -104,6 +105,18 @@ def whiten(values: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(is_token, whitened, 0.0)
+
+
+def whiten_padded(values: Tensor, pooled_sum=lambda total: total) -> Tensor:
+    """The official code's whitening (LMOps minillm/utils.py `whiten`, called by losses.py on every micro-batch):
+    (x - mean) * rsqrt(var + 1e-8) over every entry of the padded [B, T] tensor, padding zeros included, with the
+    mean and the biased variance pooled over data-parallel ranks. `pooled_sum` sums a float over the ranks (identity
+    on one process). The official runs always have torch.distributed initialised, hence the pooled, biased branch.
+    Padding entries come out non-zero; the policy loss masks them."""
+    count = pooled_sum(float(values.numel()))
+    mean = pooled_sum(float(values.sum())) / count
+    variance = pooled_sum(float(((values - mean) ** 2).sum())) / count
+    return (values - mean) * (variance + 1e-8) ** -0.5
 
 
 def advantages(

@@ -2,6 +2,7 @@
 
 import math
 import statistics
+import threading
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from pipeline.minillm_loss import (
     per_token_rewards,
     policy_loss,
     whiten,
+    whiten_padded,
 )
 
 # Two rows of different lengths: row 0 has 2 response tokens, then padding whose rewards (100) must never leak in.
@@ -260,3 +262,44 @@ def test_policy_loss_ignores_gradient_of_passed_advantages_and_weights():
     loss_sum, _ = policy_loss(logp_new, logp_old, advantage, weights, POLICY_MASK, 0.2)
     loss_sum.backward()
     assert advantage.grad is None and weights.grad is None
+
+
+class TwoRankAllReduce:
+    """An in-process all-reduce of floats between two threads, standing in for torch.distributed's."""
+
+    def __init__(self):
+        self.barrier, self.slots = threading.Barrier(2), [0.0, 0.0]
+
+    def pooled_sum(self, rank: int):
+        def pooled(value: float) -> float:
+            self.slots[rank] = value
+            self.barrier.wait()
+            total = sum(self.slots)
+            self.barrier.wait()  # nobody overwrites a slot before both ranks have read the total
+            return total
+        return pooled
+
+
+def test_official_whitening_pools_padding_zeros_over_two_ranks_by_hand():
+    # Rank 0's micro-batch: one response of 2 tokens at width 3 (one padding zero); rank 1's: 1 token, 2 zeros.
+    # Pooled entries {1, 2, 0, 3, 0, 0}: mean 1, biased variance (0 + 1 + 1 + 4 + 1 + 1) / 6 = 4/3.
+    micro_batches = [torch.tensor([[1.0, 2.0, 0.0]]), torch.tensor([[3.0, 0.0, 0.0]])]
+    reduce, results = TwoRankAllReduce(), [None, None]
+
+    def rank(r):
+        results[r] = whiten_padded(micro_batches[r], reduce.pooled_sum(r))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    scale = (4 / 3 + 1e-8) ** -0.5
+    torch.testing.assert_close(results[0], torch.tensor([[0.0, scale, -scale]]))
+    torch.testing.assert_close(results[1], torch.tensor([[2 * scale, -scale, -scale]]))
+    # One process: rank 0's entries alone, mean 1, variance 2/3.
+    alone = (2 / 3 + 1e-8) ** -0.5
+    torch.testing.assert_close(whiten_padded(micro_batches[0]), torch.tensor([[0.0, alone, -alone]]))
+    # Ours, over real tokens only: mean 1.5, so the first token's advantage turns negative where the official one is 0.
+    torch.testing.assert_close(whiten(micro_batches[0], torch.tensor([[1, 1, 0]])), torch.tensor([[-1.0, 1.0, 0.0]]),
+                               atol=1e-6, rtol=0)

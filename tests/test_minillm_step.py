@@ -174,3 +174,32 @@ def test_a_deepspeed_engine_student_gets_the_plain_models_gradients(setup):
     for (name, parameter), (_, reference) in zip(model_engine.module.named_parameters(), bare.named_parameters()):
         assert parameter.grad is not None, name
         torch.testing.assert_close(parameter.grad, reference.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_the_official_single_step_term_is_the_unit_weighted_per_token_reverse_kl(setup):
+    """single_step_weighted: false (LMOps #255) gives sum_t sum_v q (log q - log p) with w_t = 1, brute force."""
+    teacher, student, config, rollout = setup
+    buffer = make_buffer(rollout, config)
+    mask = rollout.response_mask > 0
+    assert (buffer.weights[mask] - 1).abs().max() > 1e-3, "teacher mixing must make w != 1 for this to mean anything"
+    rows = torch.arange(len(buffer))
+    with torch.no_grad():
+        log_q = torch.log_softmax(full_response_logits(student, rollout, rows).double(), -1)
+        log_p = torch.log_softmax(full_response_logits(teacher, rollout, rows).double(), -1)
+    per_token = (log_q.exp() * (log_q - log_p)).sum(-1)
+    unweighted = surrogate_sums(student, teacher, buffer, rows, config.model_copy(update={"single_step_weighted": False}))
+    weighted = surrogate_sums(student, teacher, buffer, rows, config)
+    torch.testing.assert_close(unweighted["single"].detach().double(), per_token[mask].sum(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(weighted["single"].detach().double(), (buffer.weights.double() * per_token)[mask].sum(),
+                               atol=1e-4, rtol=1e-5)
+    assert abs(float(unweighted["single"].detach()) - float(weighted["single"].detach())) > 1e-3
+    torch.testing.assert_close(unweighted["long"], weighted["long"])  # the PPO term keeps w_t in its ratio
+
+
+def test_official_whitening_keeps_the_raw_returns_in_the_buffer(setup):
+    _, _, config, rollout = setup
+    raw = make_buffer(rollout, config.model_copy(update={"whiten_advantages": False}))
+    official = make_buffer(rollout, config.model_copy(update={"whitening": "official_micro_batch"}))
+    round_whitened = make_buffer(rollout, config)
+    torch.testing.assert_close(official.advantages, raw.advantages)
+    assert not torch.allclose(round_whitened.advantages, raw.advantages)

@@ -151,6 +151,31 @@ def test_minillm_resumes_bit_identically(world, tmp_path, monkeypatch, interrupt
     assert reference.best_rouge_l == max(point["valid_rouge_l"] for point in reference.valid_curve)
 
 
+def test_the_official_codes_whitening_and_single_step_reach_the_update(world, tmp_path, monkeypatch):
+    """whitening: official_micro_batch and single_step_weighted: false change the first step's loss parts from the
+    same first rollout (each switch its own part), and train to the end."""
+    monkeypatch.chdir(tmp_path)
+    variants = {"paper": {}, "official_whitening": {"whitening": "official_micro_batch"},
+                "unweighted_single_step": {"single_step_weighted": False}}
+    first_steps = {}
+    for name, overrides in variants.items():
+        config = MiniLLMMethod.model_validate(MINILLM | {"steps": 2} | overrides)
+        (tmp_path / name).mkdir()
+        torch.manual_seed(1)
+        result, _ = run_recipe(train_minillm, world, f"minillm_{name}", None, student=copy.deepcopy(world["student"]),
+                               teacher=world["teacher"], tokenizer=world["tokenizer"],
+                               train_prompts=world["train"].prompts(), pt_blocks=world["blocks"],
+                               valid_records=world["records"], config=config, seed=3, rollout_dir=tmp_path / name)
+        assert len(result.train_curve) == 2
+        first_steps[name] = result.train_curve[0]
+    paper = first_steps["paper"]
+    for name in variants:
+        assert first_steps[name]["rollout_reward_mean"] == paper["rollout_reward_mean"]  # the same rollout
+    whitened, unweighted = first_steps["official_whitening"], first_steps["unweighted_single_step"]
+    assert whitened["loss_long_term"] != paper["loss_long_term"] and whitened["loss_single_step"] == paper["loss_single_step"]
+    assert unweighted["loss_single_step"] != paper["loss_single_step"] and unweighted["loss_long_term"] == paper["loss_long_term"]
+
+
 def test_negative_control_a_resume_at_the_wrong_mini_batch_differs(world, tmp_path, monkeypatch):
     """The comparison above can fail: resuming MiniLLM one mini-batch later than it stopped changes the weights."""
     monkeypatch.chdir(tmp_path)
