@@ -360,6 +360,9 @@ class EvaluateStage(Strict):
     max_new_tokens: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     temperature: float = Field(gt=0)
+    # 0: pure sampling (paper, spec §5). The official final evaluation and exposure-bias script block repeated
+    # 6-grams (LMOps #205, about 1 Rouge-L point); validation during training never does, here as there.
+    no_repeat_ngram_size: int = Field(default=0, ge=0)
 
 
 class CheckpointConfig(Strict):

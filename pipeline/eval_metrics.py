@@ -158,7 +158,7 @@ def position_kl_sums(student, teacher, rollout) -> torch.Tensor:
 @torch.no_grad()
 def accumulated_error(
     generator_model, student, teacher, tokenizer, prompts: list[str], *, seed: int, max_new_tokens: int,
-    batch_size: int, progress: str | None = None,
+    batch_size: int, no_repeat_ngram_size: int = 0, progress: str | None = None,
 ) -> list[float]:
     """sum_{t<=l} E_{y<t ~ generator} KL(p || q)(y<t), for l = 1..max_new_tokens (the generator is q for R(l),
     p for l eps(l))."""
@@ -171,6 +171,7 @@ def accumulated_error(
         rollout = sample(
             generator_model, prompt_ids.to(device), prompt_mask.to(device), max_new_tokens=max_new_tokens,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=generator,
+            no_repeat_ngram_size=no_repeat_ngram_size,
         )
         sums = position_kl_sums(student, teacher, rollout).double().cpu()
         per_position[: len(sums)] += sums
@@ -184,13 +185,13 @@ def ex_acc_err(student_prefix_error: list[float], teacher_prefix_error: list[flo
 
 def exposure_bias(
     student, teacher, tokenizer, records: list[dict], *, seed: int, max_new_tokens: int, batch_size: int,
-    progress: str | None = None,
+    no_repeat_ngram_size: int = 0, progress: str | None = None,
 ) -> dict:
     """R(l), l eps(l) and ExAccErr(l) for l = 1..max_new_tokens over the records' prompts, one sample per prompt."""
     student.eval()
     teacher.eval()
     prompts = [build_prompt(r["instruction"], r["context"]) for r in records]
-    kwargs = dict(seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    kwargs = dict(seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size, no_repeat_ngram_size=no_repeat_ngram_size)
     student_prefix = accumulated_error(student, student, teacher, tokenizer, prompts, **kwargs,
                                        progress=progress and f"{progress} student prefixes")
     teacher_prefix = accumulated_error(teacher, student, teacher, tokenizer, prompts, **kwargs,
@@ -207,7 +208,8 @@ def exposure_bias(
 
 
 def evaluate_set(model, tokenizer, records: list[dict], *, seeds: list[int], max_new_tokens: int, batch_size: int,
-                 temperature: float, max_length: int, max_prompt_length: int, progress: str) -> tuple[dict, list[dict]]:
+                 temperature: float, max_length: int, max_prompt_length: int, progress: str,
+                 no_repeat_ngram_size: int = 0) -> tuple[dict, list[dict]]:
     """The evaluate stage's protocol on one evaluation set: a sample per prompt for every sampling seed.
     -> the set's summary (Rouge-L per seed, their mean and std, then every measurement above) and the prediction
     rows (one per example and seed)."""
@@ -217,7 +219,8 @@ def evaluate_set(model, tokenizer, records: list[dict], *, seeds: list[int], max
     for seed in seeds:
         responses, _ = generate_responses(
             model, tokenizer, prompts, seed=seed, max_new_tokens=max_new_tokens,
-            batch_size=batch_size, temperature=temperature, progress=f"{progress} seed {seed}",
+            batch_size=batch_size, temperature=temperature, no_repeat_ngram_size=no_repeat_ngram_size,
+            progress=f"{progress} seed {seed}",
         )
         scores = score_records(records, responses)
         per_seed[str(seed)] = statistics.fmean(scores)

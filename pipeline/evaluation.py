@@ -29,6 +29,7 @@ def generate_responses(
     max_new_tokens: int,
     batch_size: int,
     temperature: float = 1.0,
+    no_repeat_ngram_size: int = 0,
     progress: str | None = None,
 ) -> tuple[list[str], int]:
     """Sample one response per prompt: (the texts, in the prompts' order; the number of tokens sampled, each row's
@@ -53,6 +54,7 @@ def generate_responses(
             pad_token_id=tokenizer.pad_token_id,
             generator=generator,
             temperature=temperature,
+            no_repeat_ngram_size=no_repeat_ngram_size,
         )
         generated_tokens += int(rollout.response_mask.sum().item())
         for index, text in zip(indices, decode_responses(tokenizer, rollout)):

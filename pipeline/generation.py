@@ -139,6 +139,22 @@ def _token_logprobs(scaled_logits: torch.Tensor, tokens: torch.Tensor) -> torch.
 
 
 @torch.no_grad()
+def banned_by_ngram_repeat(sequence_ids: torch.Tensor, size: int, vocab_size: int) -> torch.Tensor:
+    """[B, V] True where a token would complete an n-gram of `size` tokens that the row already holds, prompt and
+    its padding included: transformers' `no_repeat_ngram_size` rule, which the official MiniLLM evaluation uses
+    (size 6, LMOps issue #205)."""
+    batch_size, length = sequence_ids.shape
+    banned = torch.zeros(batch_size, vocab_size, dtype=torch.bool, device=sequence_ids.device)
+    if length < size:
+        return banned
+    windows = sequence_ids.unfold(1, size, 1)  # [B, W, size]: every n-gram so far
+    last_tokens = sequence_ids[:, length - size + 1 :]  # what the next token would follow
+    repeats = (windows[:, :, :-1] == last_tokens[:, None, :]).all(-1)
+    rows, starts = repeats.nonzero(as_tuple=True)
+    banned[rows, windows[rows, starts, -1]] = True
+    return banned
+
+
 def sample(
     student: torch.nn.Module,
     prompt_ids: torch.Tensor,
@@ -151,6 +167,7 @@ def sample(
     teacher: torch.nn.Module | None = None,
     teacher_mix: float = 0.0,
     temperature: float = 1.0,
+    no_repeat_ngram_size: int = 0,
     use_cache: bool = True,
 ) -> Rollout:
     """Sample one response per left-padded prompt, each token from teacher_mix*p + (1-teacher_mix)*q.
@@ -158,7 +175,9 @@ def sample(
     The log-probs returned are those of the distributions the tokens were drawn from, softmax(logits /
     temperature); at temperature 1, as every caller in the spec uses, they are the models' own.
     use_cache=False recomputes the whole sequence at every step: the naive reference sampler, drawing
-    the same random numbers in the same order as the cached path.
+    the same random numbers in the same order as the cached path. no_repeat_ngram_size > 0 gives probability 0 to
+    every token that would repeat an n-gram of that size (banned_by_ngram_repeat); the log-probs are then those of
+    the blocked distributions, which are what the tokens were drawn from.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -216,10 +235,15 @@ def sample(
                     teacher, model_ids, attention_mask, model_positions, teacher_cache, use_cache
                 )
         student_scaled = student_logits / temperature
-        # softmax, not exp(log_softmax): bit-identical to transformers' sampler, so the draws match it.
-        probs = torch.softmax(student_scaled, dim=-1)
         if teacher is not None:
             teacher_scaled = teacher_logits / temperature
+        if no_repeat_ngram_size > 0:
+            banned = banned_by_ngram_repeat(sequence_ids, no_repeat_ngram_size, student_scaled.shape[-1])
+            student_scaled = student_scaled.masked_fill(banned, -float("inf"))
+            if teacher is not None:
+                teacher_scaled = teacher_scaled.masked_fill(banned, -float("inf"))
+        # softmax, not exp(log_softmax): bit-identical to transformers' sampler, so the draws match it.
+        probs = torch.softmax(student_scaled, dim=-1)
 
         if teacher_mix > 0.0:
             from_teacher = torch.rand(batch_size, generator=generator, device=device) < teacher_mix

@@ -68,6 +68,7 @@ def main() -> None:
                     model, tokenizer, records, seeds=config.seeds, max_new_tokens=config.max_new_tokens,
                     batch_size=config.batch_size, temperature=config.temperature, max_length=params.data.max_length,
                     max_prompt_length=params.data.max_prompt_length, progress=f"{stage} {set_name}",
+                    no_repeat_ngram_size=config.no_repeat_ngram_size,
                 )
                 metrics["sets"][set_name] = summary
                 set_metrics = {key: value for key, value in summary.items() if isinstance(value, float)}
@@ -84,7 +85,8 @@ def main() -> None:
                 records = read_jsonl(set_files[exposure_set])[: eval_metrics.EXPOSURE_BIAS_PROMPTS]
                 exposure = eval_metrics.exposure_bias(
                     model, teacher, tokenizer, records, seed=config.seeds[0], max_new_tokens=config.max_new_tokens,
-                    batch_size=config.batch_size, progress=f"{stage} exposure bias",
+                    batch_size=config.batch_size, no_repeat_ngram_size=config.no_repeat_ngram_size,
+                    progress=f"{stage} exposure bias",
                 )
                 metrics["exposure_bias"] = {"eval_set": exposure_set} | exposure
                 run.log_metrics({f"ex_acc_err_{l}": value for l, value in exposure["ex_acc_err_at"].items() if value is not None})

@@ -194,6 +194,20 @@ def test_accumulated_error_matches_exact_enumeration(generator_is_student):
         assert abs(estimate[l] - mean[l]) < 4.5 * math.sqrt(variance[l] / n_prompts) + 1e-5, (l, estimate, mean)
 
 
+def test_exposure_bias_sampling_blocks_repeated_ngrams_when_asked():
+    """Unigram blocking after the prompt [1, 2] in a 3-token vocabulary leaves only EOS (0): every response is one
+    token long, so the accumulated error stops growing after l = 1 and X_1 is the first position's exact KL."""
+    vocab, max_new_tokens = 3, 3
+    student, teacher = tiny_gpt2(4, vocab), tiny_gpt2(5, vocab)
+    kwargs = dict(seed=7, max_new_tokens=max_new_tokens, batch_size=100)
+    blocked = accumulated_error(student, student, teacher, PromptTokenizer(), ["x"] * 100, **kwargs,
+                                no_repeat_ngram_size=1)
+    free = accumulated_error(student, student, teacher, PromptTokenizer(), ["x"] * 100, **kwargs)
+    first = kl(next_token_probs(teacher, [1, 2]), next_token_probs(student, [1, 2]))
+    assert blocked == pytest.approx([first] * max_new_tokens, abs=1e-5)
+    assert free[-1] > free[0] + 1e-3
+
+
 # ----------------------------------------------------------------------------------- evaluation sets from files
 
 

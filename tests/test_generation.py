@@ -258,6 +258,44 @@ def test_pure_sampling_equals_transformers_generate(seed: int, temperature: floa
     assert torch.equal(rollout.response_ids, reference[:, prompt_ids.shape[1] :])
 
 
+@pytest.mark.parametrize("ngram_size, use_cache", [(1, True), (2, True), (2, False), (3, True)])
+def test_no_repeat_ngram_sampling_equals_transformers_generate(ngram_size: int, use_cache: bool) -> None:
+    model = tiny_gpt2(seed=4, eos_bias=-2.0)  # long responses, so that blocking bites
+    prompt_ids, prompt_mask = left_pad(PROMPTS, EOS)
+    torch.manual_seed(3)
+    reference = model.generate(
+        prompt_ids, attention_mask=prompt_mask, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=30,
+        no_repeat_ngram_size=ngram_size, pad_token_id=EOS, eos_token_id=EOS,
+    )
+    torch.manual_seed(3)
+    rollout = sample(model, prompt_ids, prompt_mask, max_new_tokens=30, eos_token_id=EOS, pad_token_id=EOS,
+                     generator=None, no_repeat_ngram_size=ngram_size, use_cache=use_cache)
+    assert torch.equal(rollout.response_ids, reference[:, prompt_ids.shape[1] :])
+    torch.manual_seed(3)
+    unblocked = sample(model, prompt_ids, prompt_mask, max_new_tokens=30, eos_token_id=EOS, pad_token_id=EOS,
+                       generator=None, use_cache=use_cache)
+    if ngram_size <= 2:  # 3-grams rarely repeat within 30 tokens of a 50-token vocabulary
+        assert not torch.equal(unblocked.response_ids, rollout.response_ids)  # the blocking changed something
+    width = prompt_ids.shape[1]
+    for row in torch.cat([prompt_ids, rollout.response_ids], 1)[rollout.response_mask.sum(1) == 30].tolist():
+        # No sampled token completes an n-gram that the row (prompt and its padding included) already held.
+        for end in range(width, len(row)):
+            ngram = tuple(row[end - ngram_size + 1 : end + 1])
+            earlier = {tuple(row[i : i + ngram_size]) for i in range(end - ngram_size + 1)}
+            assert ngram not in earlier
+
+
+def test_banned_ngram_tokens_by_hand() -> None:
+    from pipeline.generation import banned_by_ngram_repeat
+
+    sequence = torch.tensor([[1, 2, 3, 1, 2], [4, 4, 4, 4, 5]])
+    banned = banned_by_ngram_repeat(sequence, 3, 6)
+    # Row 0 ends in (1, 2), which was followed by 3 once: 3 is banned. Row 1 ends in (4, 5): never seen before.
+    assert banned[0].nonzero().flatten().tolist() == [3] and not banned[1].any()
+    assert banned_by_ngram_repeat(sequence, 1, 6)[1].nonzero().flatten().tolist() == [4, 5]  # unigrams: all seen
+    assert not banned_by_ngram_repeat(sequence, 6, 6).any()  # shorter than one n-gram
+
+
 def test_rows_end_at_eos_and_the_loop_stops_when_all_have() -> None:
     student, teacher = tiny_gpt2(seed=1, eos_bias=2.5), tiny_gpt2(seed=2, eos_bias=2.5)
     pad = 49  # distinct from EOS so the layout after each row's end is visible
