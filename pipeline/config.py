@@ -363,6 +363,7 @@ class EvaluateStage(Strict):
     # 0: pure sampling (paper, spec §5). The official final evaluation and exposure-bias script block repeated
     # 6-grams (LMOps #205, about 1 Rouge-L point); validation during training never does, here as there.
     no_repeat_ngram_size: int = Field(default=0, ge=0)
+    exposure_bias_skip_first: bool = False  # the official exposure-bias script's KL sums skip response position 1
 
 
 class CheckpointConfig(Strict):

@@ -20,7 +20,9 @@ Exposure bias (ExAccErr, the paper following Arora et al. 2022), with p the teac
 The inner sum is the exact forward KL(p || q) over the vocabulary at one position. Expectations are Monte Carlo
 over one sampled response per prompt; a response that has ended (after its EOS) adds no further error, as in the
 official code, so the per-position error is the sum over prompts of the KL at positions still generating,
-divided by the number of prompts.
+divided by the number of prompts. The official exposure-bias script's KL sums skip the first response position
+(t = 1, whose prefix is the prompt alone and the same under both generators); `skip_first_position` offers that
+alignment. The report uses the paper's (every position), evaluate.exposure_bias_skip_first: false.
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ def position_kl_sums(student, teacher, rollout) -> torch.Tensor:
 @torch.no_grad()
 def accumulated_error(
     generator_model, student, teacher, tokenizer, prompts: list[str], *, seed: int, max_new_tokens: int,
-    batch_size: int, no_repeat_ngram_size: int = 0, progress: str | None = None,
+    batch_size: int, no_repeat_ngram_size: int = 0, skip_first_position: bool = False, progress: str | None = None,
 ) -> list[float]:
     """sum_{t<=l} E_{y<t ~ generator} KL(p || q)(y<t), for l = 1..max_new_tokens (the generator is q for R(l),
     p for l eps(l))."""
@@ -175,6 +177,8 @@ def accumulated_error(
         )
         sums = position_kl_sums(student, teacher, rollout).double().cpu()
         per_position[: len(sums)] += sums
+    if skip_first_position:
+        per_position[0] = 0.0
     return (per_position / len(prompts)).cumsum(0).tolist()
 
 
@@ -185,13 +189,14 @@ def ex_acc_err(student_prefix_error: list[float], teacher_prefix_error: list[flo
 
 def exposure_bias(
     student, teacher, tokenizer, records: list[dict], *, seed: int, max_new_tokens: int, batch_size: int,
-    no_repeat_ngram_size: int = 0, progress: str | None = None,
+    no_repeat_ngram_size: int = 0, skip_first_position: bool = False, progress: str | None = None,
 ) -> dict:
     """R(l), l eps(l) and ExAccErr(l) for l = 1..max_new_tokens over the records' prompts, one sample per prompt."""
     student.eval()
     teacher.eval()
     prompts = [build_prompt(r["instruction"], r["context"]) for r in records]
-    kwargs = dict(seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size, no_repeat_ngram_size=no_repeat_ngram_size)
+    kwargs = dict(seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size, no_repeat_ngram_size=no_repeat_ngram_size,
+                  skip_first_position=skip_first_position)
     student_prefix = accumulated_error(student, student, teacher, tokenizer, prompts, **kwargs,
                                        progress=progress and f"{progress} student prefixes")
     teacher_prefix = accumulated_error(teacher, student, teacher, tokenizer, prompts, **kwargs,

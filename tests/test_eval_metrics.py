@@ -206,6 +206,10 @@ def test_exposure_bias_sampling_blocks_repeated_ngrams_when_asked():
     first = kl(next_token_probs(teacher, [1, 2]), next_token_probs(student, [1, 2]))
     assert blocked == pytest.approx([first] * max_new_tokens, abs=1e-5)
     assert free[-1] > free[0] + 1e-3
+    # The official alignment drops position 1 from the sums: the same samples, every R(l) less X_1.
+    skipped = accumulated_error(student, student, teacher, PromptTokenizer(), ["x"] * 100, **kwargs,
+                                skip_first_position=True)
+    assert skipped == pytest.approx([value - free[0] for value in free], abs=1e-6) and skipped[0] == 0
 
 
 # ----------------------------------------------------------------------------------- evaluation sets from files
