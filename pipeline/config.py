@@ -76,6 +76,10 @@ class DataConfig(Strict):
     test_size: int = Field(gt=0)  # jsonl/dolly: records held out as DollyEval (the paper: 500)
     max_length: int = Field(gt=1)
     max_prompt_length: int = Field(gt=0)
+    # Evaluation prompts over max_prompt_length: dropped from the set (ours), or kept and cut to their first
+    # max_prompt_length tokens at generation, as the official code's PromptDataset does. Training and validation
+    # prompts over it are always dropped, as the official data script does; ECE skips a cut prompt's example.
+    long_eval_prompts: Literal["drop", "truncate"] = "drop"
     tokenizer_vocab_size: int = Field(ge=300)  # size of the byte-level BPE trained for the synthetic source
     # jsonl/dolly: the paper's other evaluation sets, each a local JSONL path or "hub" (pipeline.data.eval_set_records
     # documents both accepted formats); DollyEval is always the held-out test split.

@@ -160,14 +160,15 @@ def position_kl_sums(student, teacher, rollout) -> torch.Tensor:
 @torch.no_grad()
 def accumulated_error(
     generator_model, student, teacher, tokenizer, prompts: list[str], *, seed: int, max_new_tokens: int,
-    batch_size: int, no_repeat_ngram_size: int = 0, skip_first_position: bool = False, progress: str | None = None,
+    batch_size: int, no_repeat_ngram_size: int = 0, skip_first_position: bool = False,
+    max_prompt_tokens: int | None = None, progress: str | None = None,
 ) -> list[float]:
     """sum_{t<=l} E_{y<t ~ generator} KL(p || q)(y<t), for l = 1..max_new_tokens (the generator is q for R(l),
     p for l eps(l))."""
     device = next(student.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     per_position = torch.zeros(max_new_tokens, dtype=torch.float64)
-    encoded = [tokenizer.encode(prompt, add_special_tokens=False) for prompt in prompts]
+    encoded = [tokenizer.encode(prompt, add_special_tokens=False)[:max_prompt_tokens] for prompt in prompts]
     for start in tqdm(range(0, len(encoded), batch_size), desc=progress, disable=progress is None, leave=False):
         prompt_ids, prompt_mask = left_pad(encoded[start : start + batch_size], tokenizer.pad_token_id)
         rollout = sample(
@@ -189,14 +190,15 @@ def ex_acc_err(student_prefix_error: list[float], teacher_prefix_error: list[flo
 
 def exposure_bias(
     student, teacher, tokenizer, records: list[dict], *, seed: int, max_new_tokens: int, batch_size: int,
-    no_repeat_ngram_size: int = 0, skip_first_position: bool = False, progress: str | None = None,
+    no_repeat_ngram_size: int = 0, skip_first_position: bool = False, max_prompt_tokens: int | None = None,
+    progress: str | None = None,
 ) -> dict:
     """R(l), l eps(l) and ExAccErr(l) for l = 1..max_new_tokens over the records' prompts, one sample per prompt."""
     student.eval()
     teacher.eval()
     prompts = [build_prompt(r["instruction"], r["context"]) for r in records]
     kwargs = dict(seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size, no_repeat_ngram_size=no_repeat_ngram_size,
-                  skip_first_position=skip_first_position)
+                  skip_first_position=skip_first_position, max_prompt_tokens=max_prompt_tokens)
     student_prefix = accumulated_error(student, student, teacher, tokenizer, prompts, **kwargs,
                                        progress=progress and f"{progress} student prefixes")
     teacher_prefix = accumulated_error(teacher, student, teacher, tokenizer, prompts, **kwargs,
@@ -215,7 +217,8 @@ def exposure_bias(
 def evaluate_set(model, tokenizer, records: list[dict], *, seeds: list[int], max_new_tokens: int, batch_size: int,
                  temperature: float, max_length: int, max_prompt_length: int, progress: str,
                  no_repeat_ngram_size: int = 0) -> tuple[dict, list[dict]]:
-    """The evaluate stage's protocol on one evaluation set: a sample per prompt for every sampling seed.
+    """The evaluate stage's protocol on one evaluation set: a sample per prompt for every sampling seed, each
+    prompt cut to its first max_prompt_length tokens (a no-op unless data.long_eval_prompts kept longer ones).
     -> the set's summary (Rouge-L per seed, their mean and std, then every measurement above) and the prediction
     rows (one per example and seed)."""
     prompts = [build_prompt(r["instruction"], r["context"]) for r in records]
@@ -225,7 +228,7 @@ def evaluate_set(model, tokenizer, records: list[dict], *, seeds: list[int], max
         responses, _ = generate_responses(
             model, tokenizer, prompts, seed=seed, max_new_tokens=max_new_tokens,
             batch_size=batch_size, temperature=temperature, no_repeat_ngram_size=no_repeat_ngram_size,
-            progress=f"{progress} seed {seed}",
+            max_prompt_tokens=max_prompt_length, progress=f"{progress} seed {seed}",
         )
         scores = score_records(records, responses)
         per_seed[str(seed)] = statistics.fmean(scores)

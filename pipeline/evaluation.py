@@ -30,14 +30,16 @@ def generate_responses(
     batch_size: int,
     temperature: float = 1.0,
     no_repeat_ngram_size: int = 0,
+    max_prompt_tokens: int | None = None,
     progress: str | None = None,
 ) -> tuple[list[str], int]:
     """Sample one response per prompt: (the texts, in the prompts' order; the number of tokens sampled, each row's
-    EOS included, which the cost ledger counts). Prompts are batched by length (less left padding)."""
+    EOS included, which the cost ledger counts). Prompts are batched by length (less left padding).
+    max_prompt_tokens keeps a prompt's first tokens only (the official evaluation's cut, data.long_eval_prompts)."""
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    encoded = [tokenizer.encode(prompt, add_special_tokens=False) for prompt in prompts]
+    encoded = [tokenizer.encode(prompt, add_special_tokens=False)[:max_prompt_tokens] for prompt in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     responses: list[str] = [""] * len(prompts)
     generated_tokens = 0

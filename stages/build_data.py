@@ -43,6 +43,8 @@ def main() -> None:
                 stats[f"{name}_tokens"] = int(len(split.tokens))
             for name, records in eval_sets.items():
                 _, kept, dropped = data.tokenize_records(tokenizer, records, config.max_length, config.max_prompt_length)
+                if config.long_eval_prompts == "truncate":  # evaluation cuts them (data.long_eval_prompts)
+                    kept, stats[f"eval_{name}_truncated_long_prompt"], dropped = records, dropped, 0
                 if not kept:
                     raise ConfigError(f"evaluation set '{name}' is empty after the max_prompt_length filter")
                 atomic_write_jsonl(out / "eval" / f"{name}.jsonl", kept)

@@ -86,7 +86,8 @@ def main() -> None:
                 exposure = eval_metrics.exposure_bias(
                     model, teacher, tokenizer, records, seed=config.seeds[0], max_new_tokens=config.max_new_tokens,
                     batch_size=config.batch_size, no_repeat_ngram_size=config.no_repeat_ngram_size,
-                    skip_first_position=config.exposure_bias_skip_first, progress=f"{stage} exposure bias",
+                    skip_first_position=config.exposure_bias_skip_first,
+                    max_prompt_tokens=params.data.max_prompt_length, progress=f"{stage} exposure bias",
                 )
                 metrics["exposure_bias"] = {"eval_set": exposure_set} | exposure
                 run.log_metrics({f"ex_acc_err_{l}": value for l, value in exposure["ex_acc_err_at"].items() if value is not None})

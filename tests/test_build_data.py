@@ -18,12 +18,13 @@ RECORDS = [
 ] + [{"instruction": "Empty one", "context": "", "response": "   ", "category": "open_qa"}]
 
 
-def run_build_data(tmp_path, lines: list[str], eval_sets: dict | None = None):
+def run_build_data(tmp_path, lines: list[str], eval_sets: dict | None = None, **data_overrides):
     source = tmp_path / "dolly.jsonl"
     source.write_text("\n".join(lines) + "\n", encoding="utf-8")
     params = yaml.safe_load((REPO / "tests" / "micro_params.yaml").read_text())
     params["data"].update(source="jsonl", jsonl_path=str(source), valid_size=2, test_size=3, tokenizer_vocab_size=300,
                           max_length=512, max_prompt_length=448, eval_sets=eval_sets or {})
+    params["data"].update(data_overrides)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     dvc_project(tmp_path)
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
@@ -76,3 +77,22 @@ def test_local_evaluation_sets_in_the_minillm_format_keep_long_gold_responses_fo
     assert kept[0]["context"] == "A text."
     selfinst_kept = [json.loads(line) for line in (tmp_path / "data" / "eval" / "selfinst.jsonl").read_text().splitlines()]
     assert selfinst_kept[0]["response"] == "Hi."  # no length filter outside S-NI and UnNI
+
+
+def test_long_evaluation_prompts_are_kept_for_truncation_only_when_asked(tmp_path):
+    """data.long_eval_prompts: truncate keeps every evaluation record (evaluation cuts its prompt); training and
+    validation prompts over max_prompt_length are dropped either way."""
+    lines = [json.dumps(r, ensure_ascii=False) for r in RECORDS]
+    counts = {}
+    for mode in ("drop", "truncate"):
+        root = tmp_path / mode
+        root.mkdir()
+        completed = run_build_data(root, lines, max_prompt_length=180, long_eval_prompts=mode)
+        assert completed.returncode == 0, completed.stderr
+        counts[mode] = json.loads((root / "data" / "stats.json").read_text())
+    drop, truncate = counts["drop"], counts["truncate"]
+    assert drop["eval_dollyeval_dropped_long_prompt"] > 0, "prompts with a context (214 tokens) must be over 180 for this to mean anything"
+    assert truncate["eval_dollyeval_examples"] == drop["eval_dollyeval_examples"] + drop["eval_dollyeval_dropped_long_prompt"]
+    assert truncate["eval_dollyeval_truncated_long_prompt"] == drop["eval_dollyeval_dropped_long_prompt"]
+    assert truncate["eval_dollyeval_dropped_long_prompt"] == 0
+    assert (truncate["train_examples"], truncate["valid_examples"]) == (drop["train_examples"], drop["valid_examples"])

@@ -429,3 +429,22 @@ def test_decode_sampled_rollout_keeps_exactly_the_tokens_before_eos() -> None:
         words_before_eos = int(rollout.response_mask[row].sum()) - 1  # every row here ended with EOS
         assert len(text.split()) == words_before_eos
         assert "<eos>" not in text
+
+
+def test_evaluation_cuts_a_long_prompt_to_its_first_tokens_as_the_official_code() -> None:
+    """data.long_eval_prompts: truncate keeps prompt_ids[:max_prompt_length] (LMOps PromptDataset: data[:prompt_length]),
+    so the response is the one sampled after the first tokens, not the last ones."""
+    from pipeline.evaluation import generate_responses
+
+    tokenizer = word_tokenizer()
+    tokenizer.pad_token = "<eos>"
+    model = tiny_gpt2(seed=4, eos_bias=1.5)
+    prompt = " ".join(f"w{i}" for i in range(10, 20))  # 10 tokens
+    responses, _ = generate_responses(model, tokenizer, [prompt], seed=3, max_new_tokens=12, batch_size=1,
+                                      max_prompt_tokens=4)
+    first_four = torch.tensor([[10, 11, 12, 13]])
+    expected = sample(model, first_four, torch.ones_like(first_four), max_new_tokens=12, eos_token_id=EOS,
+                      pad_token_id=EOS, generator=torch.Generator().manual_seed(3))
+    assert responses == decode_responses(tokenizer, expected)
+    whole, _ = generate_responses(model, tokenizer, [prompt], seed=3, max_new_tokens=12, batch_size=1)
+    assert whole != responses  # the cut changed the conditioning
