@@ -68,9 +68,19 @@ class PretrainCorpus(Strict):
         return self
 
 
+class SplitFiles(Strict):
+    """Given splits (data.source: jsonl), e.g. the files the MiniLLM authors publish, so that DollyEval is exactly
+    their 500 prompts: each a JSONL file in the Dolly or the MiniLLM format (pipeline.data.eval_set_records)."""
+
+    train: str
+    valid: str
+    test: str  # DollyEval
+
+
 class DataConfig(Strict):
     source: Literal["synthetic", "jsonl", "dolly"]
-    jsonl_path: str | None = None
+    jsonl_path: str | None = None  # jsonl: one file, split at random (valid_size, test_size, seed) ...
+    splits: SplitFiles | None = None  # ... or its three splits as given
     synthetic: SyntheticData
     valid_size: int = Field(gt=0)  # jsonl/dolly: records held out for validation (the paper: 1000)
     test_size: int = Field(gt=0)  # jsonl/dolly: records held out as DollyEval (the paper: 500)
@@ -92,8 +102,10 @@ class DataConfig(Strict):
             raise ValueError(
                 f"max_prompt_length ({self.max_prompt_length}) must be below max_length ({self.max_length})"
             )
-        if self.source == "jsonl" and not self.jsonl_path:
-            raise ValueError("jsonl_path is required when source is 'jsonl'")
+        if self.source == "jsonl" and (self.jsonl_path is None) == (self.splits is None):
+            raise ValueError("source 'jsonl' needs exactly one of jsonl_path (split at random) and splits (as given)")
+        if self.source != "jsonl" and self.splits is not None:
+            raise ValueError(f"splits: only for source 'jsonl', not '{self.source}'")
         if self.source == "synthetic" and self.eval_sets:
             raise ValueError("eval_sets: the synthetic source generates its own five evaluation sets; leave it empty")
         return self

@@ -15,6 +15,14 @@ def load_instruction_splits(params):
         )
         eval_sets = {name: suite[name] for name in synthetic.EVAL_SETS}
         return suite["train"], suite["valid"], eval_sets, 0
+    if config.source == "jsonl" and config.splits is not None:
+        # As given, no shuffle: valid_size and test_size do not apply.
+        splits, dropped_empty = {}, 0
+        for name, path in (("train", config.splits.train), ("valid", config.splits.valid), ("dollyeval", config.splits.test)):
+            splits[name], dropped = data.eval_set_records(data.read_jsonl(path), name, path)
+            dropped_empty += dropped
+        eval_sets = {"dollyeval": splits["dollyeval"]} | extra_eval_sets(config)
+        return splits["train"], splits["valid"], eval_sets, dropped_empty
     if config.source == "jsonl":
         numbered = data.read_jsonl_numbered(config.jsonl_path)
         raw, line_numbers = [record for _, record in numbered], [line for line, _ in numbered]
@@ -22,7 +30,12 @@ def load_instruction_splits(params):
     else:
         records, dropped_empty = data.validate_dolly_records(data.load_dolly_from_hub(), "databricks/databricks-dolly-15k")
     train, valid, test = data.split_records(records, config.valid_size, config.test_size, params.seed)
-    eval_sets = {"dollyeval": test}
+    return train, valid, {"dollyeval": test} | extra_eval_sets(config), dropped_empty
+
+
+def extra_eval_sets(config) -> dict[str, list[dict]]:
+    """The paper's other evaluation sets listed in data.eval_sets."""
+    eval_sets = {}
     for name, source in config.eval_sets.items():
         if source == "hub":
             eval_sets[name], dropped = data.load_eval_set_from_hub(name)
@@ -30,7 +43,7 @@ def load_instruction_splits(params):
             eval_sets[name], dropped = data.eval_set_records(data.read_jsonl(source), name, source)
         print(f"build_data: {name}: {len(eval_sets[name])} records from {source} ({dropped} dropped: no gold response "
               "of the required length)")
-    return train, valid, eval_sets, dropped_empty
+    return eval_sets
 
 
 def pretrain_documents(params) -> list[str]:

@@ -96,3 +96,22 @@ def test_long_evaluation_prompts_are_kept_for_truncation_only_when_asked(tmp_pat
     assert truncate["eval_dollyeval_truncated_long_prompt"] == drop["eval_dollyeval_dropped_long_prompt"]
     assert truncate["eval_dollyeval_dropped_long_prompt"] == 0
     assert (truncate["train_examples"], truncate["valid_examples"]) == (drop["train_examples"], drop["valid_examples"])
+
+
+def test_given_splits_are_used_as_they_are(tmp_path):
+    """data.splits: the three files are the splits, in their order, in either format (the authors' files are in the
+    MiniLLM one); nothing is shuffled and valid_size/test_size do not apply."""
+    files = {}
+    for name, records in (("train", RECORDS[:8]), ("valid", RECORDS[8:10]), ("test", RECORDS[10:12] + RECORDS[12:])):
+        files[name] = tmp_path / f"{name}.jsonl"
+        minillm_format = [{"instruction": r["instruction"], "input": r["context"], "output": r["response"]} for r in records]
+        files[name].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in minillm_format), encoding="utf-8")
+    completed = run_build_data(tmp_path, ["{}"], jsonl_path=None, splits={k: str(v) for k, v in files.items()})
+    assert completed.returncode == 0, completed.stderr
+    data = tmp_path / "data"
+    stats = json.loads((data / "stats.json").read_text())
+    assert (stats["train_examples"], stats["valid_examples"], stats["eval_dollyeval_examples"]) == (8, 2, 2)
+    assert stats["dropped_empty_response"] == 1  # the test file's empty response
+    dollyeval = [json.loads(line) for line in (data / "eval" / "dollyeval.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["instruction"] for r in dollyeval] == [r["instruction"] for r in RECORDS[10:12]]
+    assert dollyeval[1]["context"] == RECORDS[11]["context"]
