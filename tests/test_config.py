@@ -151,3 +151,31 @@ def test_check_params_stage_rejects_an_unreachable_model_in_one_line(tmp_path):
     assert "Traceback" not in completed.stderr
     assert not (tmp_path / "checks").exists()
     assert time.monotonic() - started < 60
+
+
+def test_the_official_overlay_switches_on_every_official_behaviour_and_validates(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from pipeline import overlay
+    from pipeline.config import Params
+
+    paper = yaml.safe_load((REPO / "configs" / "paper-gpt2.yaml").read_text())
+    official = overlay.deep_merge(paper, yaml.safe_load((REPO / "configs" / "official-gpt2.yaml").read_text()))
+    params = Params.model_validate(official)
+    minillm = params.distill.minillm
+    assert (minillm.whitening, minillm.single_step_weighted, minillm.returns, minillm.reward_scale) == (
+        "official_micro_batch", False, "discounted", 0.5)
+    assert (params.evaluate.no_repeat_ngram_size, params.evaluate.exposure_bias_skip_first) == (6, True)
+    assert params.data.long_eval_prompts == "truncate" and minillm.pt_teacher_kd_ratio == 0.5
+    assert minillm.optimizer == Params.model_validate(paper).distill.minillm.optimizer  # the rest is the paper's
+    # The command writes the merged file, and a bad overlay is one line naming the key.
+    monkeypatch.setattr(sys, "argv", ["overlay", str(REPO / "configs" / "paper-gpt2.yaml"),
+                                      str(REPO / "configs" / "official-gpt2.yaml"), "--out", str(tmp_path / "params.yaml")])
+    overlay.main()
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text()) == official
+    (tmp_path / "bad.yaml").write_text("evaluate: {no_repeat_ngram_size: -6}\n")
+    monkeypatch.setattr(sys, "argv", ["overlay", str(REPO / "configs" / "paper-gpt2.yaml"), str(tmp_path / "bad.yaml"),
+                                      "--out", str(tmp_path / "bad-params.yaml")])
+    with pytest.raises(ConfigError, match=r"evaluate\.no_repeat_ngram_size: .*greater than or equal to 0"):
+        overlay.main()
+    assert not (tmp_path / "bad-params.yaml").exists()

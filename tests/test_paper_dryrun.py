@@ -45,6 +45,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from pipeline.data import build_prompt
+from pipeline.overlay import deep_merge
 from tests.workspace import copy_sources, run, stage_command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,15 +59,6 @@ MAX_RSS_BYTES = 16 * 2**30
 
 pytestmark = [pytest.mark.slow, pytest.mark.paper]
 
-
-def deep_merge(base: dict, overlay: dict) -> dict:
-    merged = dict(base)
-    for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merged[key] = deep_merge(base[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def gpt2_layout_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
