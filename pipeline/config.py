@@ -140,10 +140,43 @@ class TeacherSpec(ModelSpec):
     label: str = Field(min_length=1)  # the teacher's size label in reports, e.g. "1.5B"
 
 
+# What a student may set for its own stages. Not distill.seqkd's sampling settings: teacher_generate, shared by every
+# student, reads them.
+STUDENT_OVERRIDABLE = {"init_student": None, "distill": {"sft_long": None, "kd": None, "seqkd": {"kd_ratio", "train"},
+                                                        "minillm": None, "gkd": None, "distillm": None, "opd": None}}
+
+
+class StudentSpec(ModelSpec):
+    # This student's own settings, deep-merged over the shared ones for its stages only (Params.for_student), e.g.
+    # spec §2's per-size SFT rate: {init_student: {optimizer: {lr: 1.0e-4}}}. Its stages declare
+    # models.students.<label> in dvc.yaml, so changing it reruns that student's stages and no other's.
+    overrides: dict = {}
+
+    @model_validator(mode="after")
+    def _overridable(self):
+        for section, value in self.overrides.items():
+            if section not in STUDENT_OVERRIDABLE:
+                raise ValueError(f"overrides.{section}: not a student stage's section "
+                                 f"({', '.join(STUDENT_OVERRIDABLE)})")
+            allowed = STUDENT_OVERRIDABLE[section]
+            if allowed is None:
+                continue
+            if not isinstance(value, dict):
+                raise ValueError(f"overrides.{section}: a mapping")
+            for method, keys in value.items():
+                if method not in allowed:
+                    raise ValueError(f"overrides.{section}.{method}: not a student stage's section")
+                extra = set(value[method]) - allowed[method] if allowed[method] and isinstance(value[method], dict) else set()
+                if extra:
+                    raise ValueError(f"overrides.{section}.{method}.{sorted(extra)[0]}: shared by every student "
+                                     f"(teacher_generate reads it); a student may set {sorted(allowed[method])}")
+        return self
+
+
 class Models(Strict):
     teacher: TeacherSpec
     # Student size label -> model. Several students make every student stage a DVC matrix over them.
-    students: dict[Annotated[str, StringConstraints(pattern=LABEL_PATTERN)], ModelSpec] = Field(min_length=1)
+    students: dict[Annotated[str, StringConstraints(pattern=LABEL_PATTERN)], StudentSpec] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _labels_do_not_collide(self):
@@ -436,17 +469,46 @@ class Params(Strict):
                 raise ValueError(f"{key} ({new_tokens}) exceeds data.max_length - data.max_prompt_length ({room})")
         return self
 
+    @model_validator(mode="after")
+    def _student_overrides_valid(self):
+        for label, spec in self.models.students.items():
+            if spec.overrides:
+                try:
+                    self.for_student(label)
+                except ValidationError as error:
+                    raise ValueError(_format_validation_error(f"models.students.{label}.overrides", error)) from None
+        return self
+
+    def for_student(self, label: str) -> Params:
+        """The params as the stages of student `label` read them: its overrides merged over the shared settings."""
+        merged = deep_merge(self.model_dump(), self.models.students[label].overrides)
+        for spec in merged["models"]["students"].values():
+            spec["overrides"] = {}  # applied: the view of one student carries none
+        return Params.model_validate(merged)
+
+
+def deep_merge(base: dict, overlay: dict) -> dict:
+    """`base` with `overlay`'s keys replacing its own, key by key: a mapping merges into a mapping."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merged[key] = deep_merge(base[key], value)
+        else:
+            merged[key] = value
+    return merged
+
 
 def _format_validation_error(path: Path, error: ValidationError) -> str:
     first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "<root>"
+    key = ".".join(str(part) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown key"
     elif first["type"] == "missing":
         message = "required key is missing"
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return f"{path}: {key}: {message}{more}"
+    # A whole-params check (an empty location) names its keys itself.
+    return f"{path}: {key}: {message}{more}" if key else f"{path}: {message}{more}"
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -13,18 +13,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from pipeline.config import ConfigError, Params, _format_validation_error, exit_on_user_error
+from pipeline.config import ConfigError, Params, _format_validation_error, deep_merge, exit_on_user_error
 from pipeline.io import atomic_write_text
-
-
-def deep_merge(base: dict, overlay: dict) -> dict:
-    merged = dict(base)
-    for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merged[key] = deep_merge(base[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def read_mapping(path: Path) -> dict:

@@ -64,8 +64,11 @@ def add_distill_arguments(parser, methods: list[str]) -> None:
     parser.add_argument("--plots", required=True, help="the directory of the training curves to write")
 
 
-def check_student_and_seed(arguments, params: Params) -> None:
+def student_params(arguments, params: Params) -> Params:
+    """The params as the stages of --student read them (its models.students overrides applied), once --student and
+    --seed are checked."""
     if arguments.student not in params.models.students:
         raise ConfigError(f"--student {arguments.student}: not a label of models.students")
     if arguments.seed not in params.train_seeds:
         raise ConfigError(f"--seed {arguments.seed}: not one of train_seeds {params.train_seeds}")
+    return params.for_student(arguments.student)

@@ -14,7 +14,7 @@ from pipeline.config import exit_on_user_error, load_params
 from pipeline.io import atomic_directory, atomic_write_json
 from pipeline.models import count_parameters, load_model, save_checkpoint
 from pipeline.sft import KDTerm, copy_with_state, load_sft_inputs, summarize, train_sft, write_curves
-from pipeline.stage import add_distill_arguments, check_student_and_seed, training_stage
+from pipeline.stage import add_distill_arguments, student_params, training_stage
 
 
 def main() -> None:
@@ -22,8 +22,7 @@ def main() -> None:
     add_distill_arguments(parser, ["kd", "seqkd"])
     arguments = parser.parse_args()
     method, seed = arguments.method, arguments.seed
-    params = load_params()
-    check_student_and_seed(arguments, params)
+    params = student_params(arguments, load_params())
     config = params.distill.kd if method == "kd" else params.distill.seqkd
     kd_ratio = config.ratio if method == "kd" else config.kd_ratio
     divergence = config.divergence if method == "kd" else "teacher_cross_entropy"

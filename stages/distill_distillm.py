@@ -12,7 +12,7 @@ from pipeline.distillm import train_distillm
 from pipeline.io import atomic_directory, atomic_write_json
 from pipeline.models import count_parameters, load_model, save_checkpoint
 from pipeline.sft import copy_with_state, load_sft_inputs, write_curves
-from pipeline.stage import add_distill_arguments, check_student_and_seed, training_stage
+from pipeline.stage import add_distill_arguments, student_params, training_stage
 from pipeline.student_data import summarize
 
 
@@ -20,8 +20,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     add_distill_arguments(parser, ["distillm"])
     arguments = parser.parse_args()
-    params = load_params()
-    check_student_and_seed(arguments, params)
+    params = student_params(arguments, load_params())
     seed = arguments.seed
     name = f"distill_distillm@{arguments.student}-{seed}"
     tags = {"method": "distillm", "student": arguments.student, "train_seed": str(seed)}

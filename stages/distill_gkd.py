@@ -14,7 +14,7 @@ from pipeline.gkd import train_gkd
 from pipeline.io import atomic_directory, atomic_write_json
 from pipeline.models import count_parameters, load_model, save_checkpoint
 from pipeline.sft import copy_with_state, load_sft_inputs, write_curves
-from pipeline.stage import add_distill_arguments, check_student_and_seed, training_stage
+from pipeline.stage import add_distill_arguments, student_params, training_stage
 from pipeline.student_data import summarize
 
 
@@ -23,8 +23,7 @@ def main() -> None:
     add_distill_arguments(parser, ["gkd"])
     parser.add_argument("--teacher-samples", required=True, help="the teacher's samples (.npz), used with seq_kd")
     arguments = parser.parse_args()
-    params = load_params()
-    check_student_and_seed(arguments, params)
+    params = student_params(arguments, load_params())
     config, seed = params.distill.gkd, arguments.seed
     name = f"distill_gkd@{arguments.student}-{seed}"
     tags = {"method": "gkd", "student": arguments.student, "train_seed": str(seed)}

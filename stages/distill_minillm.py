@@ -19,7 +19,7 @@ from pipeline.io import atomic_directory, atomic_write_json
 from pipeline.minillm import summarize_minillm, train_minillm
 from pipeline.models import count_parameters, load_model, save_checkpoint
 from pipeline.sft import copy_with_state, load_sft_inputs, write_curves
-from pipeline.stage import add_distill_arguments, check_student_and_seed, training_stage
+from pipeline.stage import add_distill_arguments, student_params, training_stage
 
 
 def main() -> None:
@@ -28,8 +28,7 @@ def main() -> None:
     parser.add_argument("--pt-blocks", required=True, help="the PT blocks (.npy) of the PT loss")
     arguments = parser.parse_args()
     method, seed = arguments.method, arguments.seed
-    params = load_params()
-    check_student_and_seed(arguments, params)
+    params = student_params(arguments, load_params())
     config = params.distill.minillm if method == "minillm" else params.distill.opd.as_policy_gradient()
     name = f"distill_{method}@{arguments.student}-{seed}"
     tags = {"method": method, "student": arguments.student, "train_seed": str(seed)}

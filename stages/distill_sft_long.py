@@ -12,7 +12,7 @@ from pipeline.config import exit_on_user_error, load_params
 from pipeline.io import atomic_directory, atomic_write_json
 from pipeline.models import count_parameters, load_model, save_checkpoint
 from pipeline.sft import add_sft_input_arguments, copy_with_state, load_sft_inputs, summarize, train_sft, write_curves
-from pipeline.stage import check_student_and_seed, training_stage
+from pipeline.stage import student_params, training_stage
 
 
 def main() -> None:
@@ -26,8 +26,7 @@ def main() -> None:
     parser.add_argument("--plots", required=True, help="the directory of the training curves to write")
     arguments = parser.parse_args()
     seed = arguments.seed
-    params = load_params()
-    check_student_and_seed(arguments, params)
+    params = student_params(arguments, load_params())
     name = f"distill_sft_long@{arguments.student}-{seed}"
     tags = {"method": "sft_long", "student": arguments.student, "train_seed": str(seed)}
     with training_stage(name, params, seed, tags) as stage:

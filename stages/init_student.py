@@ -30,6 +30,7 @@ def main() -> None:
         raise ConfigError(f"--student {student}: not a label of models.students")
     if seed not in params.train_seeds:
         raise ConfigError(f"--seed {seed}: not one of train_seeds {params.train_seeds}")
+    params = params.for_student(student)  # its models.students overrides applied
     name = f"init_student@{student}-{seed}"
     tags = {"method": "sft", "student": student, "train_seed": str(seed)}
     with training_stage(name, params, seed, tags) as stage:

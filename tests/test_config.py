@@ -48,6 +48,12 @@ def test_committed_params_are_valid():
         (lambda p: p["data"].update(splits={"train": "t", "valid": "v", "test": "e"}), r"data: splits: only for source 'jsonl'"),
         (lambda p: p["data"].update(source="jsonl", splits={"train": "t", "valid": "v"}), r"data\.splits\.test: required key"),
         (lambda p: p["data"].update(long_eval_prompts="cut"), r"data\.long_eval_prompts: .*'drop'"),
+        (lambda p: p["models"]["students"]["180K"].update(overrides={"evaluate": {"seeds": [1]}}),
+         r"models\.students\.180K: overrides\.evaluate: not a student stage's section"),
+        (lambda p: p["models"]["students"]["180K"].update(overrides={"distill": {"seqkd": {"max_new_tokens": 8}}}),
+         r"overrides\.distill\.seqkd\.max_new_tokens: shared by every student \(teacher_generate reads it\)"),
+        (lambda p: p["models"]["students"]["180K"].update(overrides={"init_student": {"optimizer": {"lr": -1}}}),
+         r"params\.yaml: models\.students\.180K\.overrides: init_student\.optimizer\.lr: .*greater than 0"),
         (lambda p: p["distill"]["minillm"].update(whitening="global"), r"distill\.minillm\.whitening: .*'round'"),
         (lambda p: p["evaluate"].update(no_repeat_ngram_size=-1), r"evaluate\.no_repeat_ngram_size: .*greater than or equal to 0"),
         (lambda p: p.pop("seed"), r"seed: required key is missing"),
@@ -168,6 +174,9 @@ def test_the_official_overlay_switches_on_every_official_behaviour_and_validates
     assert (params.evaluate.no_repeat_ngram_size, params.evaluate.exposure_bias_skip_first) == (6, True)
     assert params.data.long_eval_prompts == "truncate" and minillm.pt_teacher_kd_ratio == 0.5
     assert minillm.optimizer == Params.model_validate(paper).distill.minillm.optimizer  # the rest is the paper's
+    base_view, medium_view = params.for_student("120M"), params.for_student("340M")
+    assert (base_view.distill.minillm.batch_size, medium_view.distill.minillm.batch_size) == (256, 64)
+    assert (medium_view.init_student.optimizer.lr, params.for_student("760M").init_student.epochs) == (1.0e-4, 10)
     # The command writes the merged file, and a bad overlay is one line naming the key.
     monkeypatch.setattr(sys, "argv", ["overlay", str(REPO / "configs" / "paper-gpt2.yaml"),
                                       str(REPO / "configs" / "official-gpt2.yaml"), "--out", str(tmp_path / "params.yaml")])

@@ -100,3 +100,42 @@ def test_declaration_of_a_matrix_stage_from_any_directory_and_of_a_missing_one(p
     assert (found.cmd, found.outs) == ("true", ("models/b/seed2", "metrics/eval/b-seed2.json"))
     with pytest.raises(ConfigError, match=r"^dvc.yaml: no stage train@c-1 with the current params.yaml$"):
         declaration("train@c-1", project)
+
+
+STUDENT_STAGES = ("init_student", "distill_sft_long", "distill_kd", "distill_seqkd", "distill_minillm", "distill_gkd",
+                  "distill_distillm", "distill_opd")
+
+
+def test_a_students_overrides_reach_its_stages_and_no_others(tmp_path: Path, monkeypatch):
+    """Two students, one with spec §2's own SFT rate: the project's dvc.yaml declares each student's entry in its
+    own training stages only, so DVC reruns just those when it changes; the stages read it through for_student."""
+    from argparse import Namespace
+
+    from pipeline.config import Params
+    from pipeline.dvc_stages import declaration
+    from pipeline.stage import student_params
+    from tests.test_config import REPO
+
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)
+    Repo.init().close()
+    (tmp_path / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    small = params["models"]["students"]["180K"]
+    params["models"]["students"] = {"small": small, "large": small | {"overrides": {
+        "init_student": {"optimizer": {"lr": 1.0e-4}}, "distill": {"minillm": {"batch_size": 32}}}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    seed = params["train_seeds"][0]
+    for stage in STUDENT_STAGES:
+        large = declaration(f"{stage}@large-{seed}", tmp_path).params
+        small_declared = declaration(f"{stage}@small-{seed}", tmp_path).params
+        assert large["models.students.large"]["overrides"]["init_student"] == {"optimizer": {"lr": 1.0e-4}}, stage
+        assert "models.students.small" not in large and "models.students.large" not in small_declared, stage
+    for stage in ("pretrain_teacher", "train_teacher", "teacher_generate", f"evaluate@minillm-large-{seed}"):
+        assert not any(key.startswith("models.students.") for key in declaration(stage, tmp_path).params), stage
+    loaded = Params.model_validate(params)
+    large_view = student_params(Namespace(student="large", seed=seed), loaded)
+    small_view = student_params(Namespace(student="small", seed=seed), loaded)
+    assert (large_view.init_student.optimizer.lr, small_view.init_student.optimizer.lr) == (1.0e-4, loaded.init_student.optimizer.lr)
+    assert (large_view.distill.minillm.batch_size, small_view.distill.minillm.batch_size) == (32, loaded.distill.minillm.batch_size)
+    assert large_view.distill.minillm.optimizer == loaded.distill.minillm.optimizer  # only the keys it lists change
