@@ -44,8 +44,8 @@ import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from pipeline.data import build_prompt
 from pipeline.config import deep_merge
+from pipeline.data import build_prompt
 from tests.workspace import copy_sources, run, stage_command
 
 REPO = Path(__file__).resolve().parents[1]
