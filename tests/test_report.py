@@ -150,7 +150,10 @@ def test_paper_comparison():
         data=SimpleNamespace(source="dolly"))
     markdown = report.paper_comparison(paper_scale, numbers)
     assert "| 120M    | MiniLLM    | 24.6 / 25.10 (+0.50) | 13.2 / 12.20 (-1.00) |" in markdown
-    assert "27.6 / 27.00 (-0.60)" in markdown
+    assert "27.6 / 27.00 (-0.60)" in markdown and "14.3 / 11.00 (-3.30)" in markdown  # the teacher's full row
+    # Every published row of spec §6, KD and the 760M SFT row included; a blank cell stays blank.
+    assert "| 120M    | KD         | 22.8" in markdown and "| 760M    | SFT w/o KD | 25.4" in markdown
+    assert "| 340M    | MiniLLM    | 25.4                 |                      |" in markdown
     embedded = SimpleNamespace(models=SimpleNamespace(teacher=SimpleNamespace(name_or_path=None, label="0.95M"), students={}),
                                data=SimpleNamespace(source="synthetic"))
     markdown = report.paper_comparison(embedded, numbers)
