@@ -138,7 +138,6 @@ def _token_logprobs(scaled_logits: torch.Tensor, tokens: torch.Tensor) -> torch.
     return scaled_logits.gather(-1, tokens[:, None]).squeeze(-1) - scaled_logits.logsumexp(-1)
 
 
-@torch.no_grad()
 def banned_by_ngram_repeat(sequence_ids: torch.Tensor, size: int, vocab_size: int) -> torch.Tensor:
     """[B, V] True where a token would complete an n-gram of `size` tokens that the row already holds, prompt and
     its padding included: transformers' `no_repeat_ngram_size` rule, which the official MiniLLM evaluation uses
@@ -155,6 +154,7 @@ def banned_by_ngram_repeat(sequence_ids: torch.Tensor, size: int, vocab_size: in
     return banned
 
 
+@torch.no_grad()
 def sample(
     student: torch.nn.Module,
     prompt_ids: torch.Tensor,

@@ -448,3 +448,14 @@ def test_evaluation_cuts_a_long_prompt_to_its_first_tokens_as_the_official_code(
     assert responses == decode_responses(tokenizer, expected)
     whole, _ = generate_responses(model, tokenizer, [prompt], seed=3, max_new_tokens=12, batch_size=1)
     assert whole != responses  # the cut changed the conditioning
+
+
+def test_sampling_builds_no_autograd_graph() -> None:
+    """sample runs under no_grad (a graph over every decoding step would hold each step's activations): what it
+    returns carries no gradient even from a model whose parameters require one."""
+    model = tiny_gpt2(seed=1)
+    assert all(p.requires_grad for p in model.parameters())
+    prompt_ids, prompt_mask = left_pad(PROMPTS, EOS)
+    rollout = sample(model, prompt_ids, prompt_mask, max_new_tokens=4, eos_token_id=EOS, pad_token_id=EOS,
+                     generator=torch.Generator().manual_seed(0), teacher=tiny_gpt2(seed=2), teacher_mix=0.5)
+    assert not rollout.student_logprobs.requires_grad and not rollout.teacher_logprobs.requires_grad
