@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import EVAL_SETS, ConfigError, exit_on_user_error
-from pipeline.tuning import git
+from pipeline.tuning import git, latest_named_experiments
 
 EXPERIMENT_NAME = re.compile(r"ablation-(?P<index>\d+)")
 
@@ -64,17 +64,10 @@ def queue_commands(config: AblationConfig) -> list[list[str]]:
 
 def experiments(root: Path) -> tuple[str, dict[int, str]]:
     """(baseline commit, {variant index: experiment commit}) of the ablation-<n> experiments on the latest baseline."""
-    found = []
-    for line in git("for-each-ref", "refs/exps", "--format=%(objectname) %(refname)", root=root).splitlines():
-        commit, ref = line.split()
-        match = EXPERIMENT_NAME.fullmatch(ref.rsplit("/", 1)[-1])
-        if match:
-            baseline = git("rev-parse", f"{commit}^", root=root).strip()
-            found.append((int(git("show", "-s", "--format=%ct", baseline, root=root)), baseline, int(match["index"]), commit))
+    baseline, found = latest_named_experiments(root, EXPERIMENT_NAME)
     if not found:
         raise ConfigError("no ablation-<n> experiment found: run `python -m pipeline.ablation queue` first")
-    latest = max(found)[1]
-    return latest, {index: commit for _, baseline, index, commit in found if baseline == latest}
+    return baseline, found
 
 
 def variant_row(root: Path, commit: str, config: AblationConfig) -> dict:

@@ -31,7 +31,7 @@ from pipeline import significance
 from pipeline.config import METHODS, ConfigError, exit_on_user_error
 from pipeline.report import METHOD_NAMES, SIGNIFICANCE_REFERENCES
 from pipeline.significance import Interval
-from pipeline.tuning import git
+from pipeline.tuning import git, latest_named_experiments
 
 EXPERIMENT_NAME = re.compile(r"study-world(?P<world>\d+)")
 BOOTSTRAP_SEED = 0
@@ -73,17 +73,8 @@ def queue_commands(config: StudyConfig) -> list[list[str]]:
 
 def world_experiments(root: Path) -> dict[int, tuple[str, str]]:
     """{world seed: (commit, baseline)} of the study-world<seed> experiments on the latest baseline that has any."""
-    found = []
-    for line in git("for-each-ref", "refs/exps", "--format=%(objectname) %(refname)", root=root).splitlines():
-        commit, ref = line.split()
-        match = EXPERIMENT_NAME.fullmatch(ref.rsplit("/", 1)[-1])
-        if match:
-            baseline = git("rev-parse", f"{commit}^", root=root).strip()
-            found.append((int(git("show", "-s", "--format=%ct", baseline, root=root)), baseline, int(match["world"]), commit))
-    if not found:
-        return {}
-    latest = max(found)[1]
-    return {world: (commit, baseline) for _, baseline, world, commit in sorted(found) if baseline == latest}
+    baseline, found = latest_named_experiments(root, EXPERIMENT_NAME)
+    return {world: (commit, baseline) for world, commit in found.items()}
 
 
 def world_scores(root: Path, commit: str, config: StudyConfig) -> dict[tuple[str, str, int], dict[str, np.ndarray]]:

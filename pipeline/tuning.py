@@ -171,6 +171,23 @@ def git(*arguments: str, root: Path) -> str:
     return subprocess.run(["git", *arguments], cwd=root, check=True, capture_output=True, text=True).stdout
 
 
+def latest_named_experiments(root: Path, name) -> tuple[str, dict[int, str]]:
+    """(baseline, {the number in the name: experiment commit}) of the experiments whose name matches the compiled
+    pattern `name` (one integer group), on the latest baseline that has any; ("", {}) when none does. The study and
+    the ablation read their experiments with it."""
+    found = []
+    for line in git("for-each-ref", "refs/exps", "--format=%(objectname) %(refname)", root=root).splitlines():
+        commit, ref = line.split()
+        match = name.fullmatch(ref.rsplit("/", 1)[-1])
+        if match:
+            baseline = git("rev-parse", f"{commit}^", root=root).strip()
+            found.append((int(git("show", "-s", "--format=%ct", baseline, root=root)), baseline, int(match[1]), commit))
+    if not found:
+        return "", {}
+    latest = max(found)[1]
+    return latest, {number: commit for _, baseline, number, commit in sorted(found) if baseline == latest}
+
+
 def _dotted(params: dict, key: str):
     value = params
     for part in key.split("."):
