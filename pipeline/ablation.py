@@ -111,7 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["queue", "report"])
     parser.add_argument("--config", default="configs/ablation.yaml")
-    parser.add_argument("--out", default="reports/ablation.md")
+    parser.add_argument("--out", default="reports", help="report: the directory ablation.md goes to")
     arguments = parser.parse_args()
     config = load_config(Path(arguments.config))
     if arguments.command == "queue":
@@ -127,8 +127,9 @@ def main() -> None:
     names = list(config.variants)
     rows = {names[0]: variant_row(root, baseline, config)}
     rows |= {names[index]: variant_row(root, commit, config) for index, commit in sorted(found.items()) if index < len(names)}
-    atomic_write_text(arguments.out, ablation_markdown(rows, config, baseline, arguments.config))
-    print(f"wrote {arguments.out}: {len(rows)} of {len(names)} variants")
+    out = Path(arguments.out) / "ablation.md"
+    atomic_write_text(out, ablation_markdown(rows, config, baseline, arguments.config))
+    print(f"wrote {out}: {len(rows)} of {len(names)} variants")
 
 
 if __name__ == "__main__":
