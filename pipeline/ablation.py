@@ -13,6 +13,8 @@ config); `full` is read from the experiments' baseline commit. Only MiniLLM's st
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import re
 import statistics
@@ -35,6 +37,7 @@ class AblationConfig:
     paper: dict[str, float]
     metrics: str
     training_metrics: str
+    training_curves: str  # plots/distill/minillm: <run>/valid.csv, the validation curve of each training run
 
 
 def load_config(path: Path) -> AblationConfig:
@@ -46,10 +49,11 @@ def load_config(path: Path) -> AblationConfig:
         raise ConfigError(f"{path}: variants: a mapping of variant name to its params overrides")
     if next(iter(variants.values())):
         raise ConfigError(f"{path}: variants: the first variant is the committed run and overrides nothing")
-    for key in ("metrics", "training_metrics"):
+    for key in ("metrics", "training_metrics", "training_curves"):
         if not isinstance(content.get(key), str):
             raise ConfigError(f"{path}: {key}: a directory of dvc.yaml's metrics")
-    return AblationConfig(variants, content.get("paper") or {}, content["metrics"], content["training_metrics"])
+    return AblationConfig(variants, content.get("paper") or {}, content["metrics"], content["training_metrics"],
+                          content["training_curves"])
 
 
 def queue_commands(config: AblationConfig) -> list[list[str]]:
@@ -72,10 +76,14 @@ def experiments(root: Path) -> tuple[str, dict[int, str]]:
 
 def variant_row(root: Path, commit: str, config: AblationConfig) -> dict:
     """The variant's MiniLLM evaluation (each set's mean over sampling seeds, averaged over students and training
-    seeds) and its training stages' best validation Rouge-L."""
-    def read(directory: str) -> list[dict]:
+    seeds), its training stages' best validation Rouge-L, and from their validation curves the step that best one
+    was at and the last validation's Rouge-L (what the training did even where the selection kept the start)."""
+    def files(directory: str, name: str = "") -> list[str]:
         paths = git("ls-tree", "-r", "--name-only", commit, "--", directory, root=root).split()
-        return [json.loads(git("show", f"{commit}:{path}", root=root)) for path in paths]
+        return [git("show", f"{commit}:{path}", root=root) for path in paths if path.endswith(name)]
+
+    def read(directory: str) -> list[dict]:
+        return [json.loads(text) for text in files(directory)]
 
     evaluations = [m for m in read(config.metrics) if m.get("method") == "minillm"]
     if not evaluations:
@@ -84,6 +92,13 @@ def variant_row(root: Path, commit: str, config: AblationConfig) -> dict:
     row = {s: statistics.fmean(m["sets"][s]["rouge_l"] for m in evaluations) for s in sets}
     row["average"] = statistics.fmean(row[s] for s in sets)
     row["best_valid_rouge_l"] = statistics.fmean(m["best_valid_rouge_l"] for m in read(config.training_metrics))
+    curves = [list(csv.DictReader(io.StringIO(text))) for text in files(config.training_curves, "valid.csv")]
+    if not curves:
+        raise ConfigError(f"commit {commit[:7]}: no valid.csv under {config.training_curves}")
+    # The first point of the best Rouge-L: the one the training kept (a later tie does not replace it).
+    kept = [max(curve, key=lambda point: float(point["valid_rouge_l"])) for curve in curves]
+    row["kept_steps"] = ", ".join(point["step"] for point in kept)
+    row["last_valid_rouge_l"] = statistics.fmean(float(curve[-1]["valid_rouge_l"]) for curve in curves)
     return row
 
 
@@ -92,15 +107,20 @@ def ablation_markdown(rows: dict[str, dict], config: AblationConfig, baseline: s
     lines = ["# The MiniLLM ablation", "",
              f"Variants: {config_path}, each one param of distill.minillm over params.yaml at commit {baseline[:7]}. "
              "Ours: MiniLLM's Rouge-L per evaluation set (mean over sampling seeds), its average over the sets, and "
-             "the best validation Rouge-L its training kept; paper: MINILLM_SPEC.md §6 (GPT-2 1.5B -> 120M, "
-             "DollyEval). Regenerate: `python -m pipeline.ablation queue`, `dvc queue start -j 1`, "
-             "`python -m pipeline.ablation report`.", "",
-             "| Variant | Paper DollyEval | " + " | ".join(sets) + " | Avg. | best valid |",
-             "|---" * (4 + len(sets)) + "|"]
+             "the best validation Rouge-L its training kept, the step it was at (0: the start) and the last "
+             "validation's Rouge-L; paper: MINILLM_SPEC.md §6 (GPT-2 1.5B -> 120M, DollyEval). Regenerate: "
+             "`python -m pipeline.ablation queue`, `dvc queue start -j 1`, `python -m pipeline.ablation report`.", "",
+             "| Variant | Paper DollyEval | " + " | ".join(sets) + " | Avg. | best valid | kept step | last valid |",
+             "|---" * (6 + len(sets)) + "|"]
     for name, row in rows.items():
         paper = config.paper.get(name)
         lines.append(f"| {name} | {'' if paper is None else f'{paper:.1f}'} | "
-                     + " | ".join(f"{row[s]:.2f}" for s in sets) + f" | {row['average']:.2f} | {row['best_valid_rouge_l']:.2f} |")
+                     + " | ".join(f"{row[s]:.2f}" for s in sets) + f" | {row['average']:.2f} | {row['best_valid_rouge_l']:.2f}"
+                     f" | {row['kept_steps']} | {row['last_valid_rouge_l']:.2f} |")
+    if all(set(row["kept_steps"].split(", ")) == {"0"} for row in rows.values()):
+        lines += ["", "Every variant's training kept its start (step 0): no validation after it beat the start's, so "
+                  "the evaluation columns are the start's, identical by construction, and say nothing about the "
+                  "variants. The last validation column is what each variant's training reached."]
     missing = [name for name in config.variants if name not in rows]
     if missing:
         lines += ["", "Not run yet: " + ", ".join(missing) + "."]

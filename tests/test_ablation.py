@@ -25,6 +25,11 @@ def test_each_variant_but_the_committed_run_is_one_queued_experiment(tmp_path):
 
 
 def commit_metrics(root: Path, dollyeval: float, best: float, message: str) -> str:
+    curve = root / "plots/distill/minillm/s-seed1"
+    curve.mkdir(parents=True, exist_ok=True)
+    # The best (first of the tied maxima) at step 2; the last validation 10 below it.
+    (curve / "valid.csv").write_text(f"step,valid_rouge_l\n0,{best - 1}\n2,{best}\n4,{best}\n6,{best - 10}\n")
+    (curve / "train.csv").write_text("step,loss\n1,0.5\n")
     for directory, name, content in (
             ("metrics/eval", "minillm-s-seed1.json", {"method": "minillm", "sets": {"dollyeval": {"rouge_l": dollyeval},
                                                                                   "sni": {"rouge_l": 50.0}}}),
@@ -50,8 +55,10 @@ def test_the_report_reads_the_baseline_and_each_variants_experiment(tmp_path):
     assert ablation.experiments(root) == (baseline, {2: variant})
     rows = {"full": ablation.variant_row(root, baseline, config),
             "without teacher-mixed sampling": ablation.variant_row(root, variant, config)}
-    assert rows["full"] == {"dollyeval": 30.0, "sni": 50.0, "average": 40.0, "best_valid_rouge_l": 27.0}  # MiniLLM only
+    assert rows["full"] == {"dollyeval": 30.0, "sni": 50.0, "average": 40.0, "best_valid_rouge_l": 27.0,  # MiniLLM only
+                            "kept_steps": "2", "last_valid_rouge_l": 17.0}
     markdown = ablation.ablation_markdown(rows, config, baseline, "configs/ablation.yaml")
-    assert "| full | 24.6 | 30.00 | 50.00 | 40.00 | 27.00 |" in markdown
-    assert "| without teacher-mixed sampling | 20.4 | 20.00 | 50.00 | 35.00 | 25.00 |" in markdown
+    assert "| full | 24.6 | 30.00 | 50.00 | 40.00 | 27.00 | 2 | 17.00 |" in markdown
+    assert "| without teacher-mixed sampling | 20.4 | 20.00 | 50.00 | 35.00 | 25.00 | 2 | 15.00 |" in markdown
+    assert "kept its start" not in markdown
     assert "Not run yet: without length normalisation, without the single-step term." in markdown
