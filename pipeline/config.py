@@ -435,6 +435,8 @@ class Params(Strict):
     init_student: SFTStage
     distill: Distill
     evaluate: EvaluateStage
+    # The common training-FLOPs budget of the compute-matched table (pipeline/cost.py), from the pre-trained student.
+    compute_budget_flops: float = Field(gt=0)
     checkpoint: CheckpointConfig = CheckpointConfig()
 
     @model_validator(mode="after")

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from pipeline import checkpoint, engine, losses
 from pipeline.checkpoint import Checkpointer
 from pipeline.config import EngineConfig, MiniLLMMethod
+from pipeline.cost import BudgetCheckpoint
 from pipeline.data import build_prompt
 from pipeline.evaluation import score_records
 from pipeline.generation import Rollout, decode_responses, left_pad, sample
@@ -63,8 +64,16 @@ class MiniLLMResult:
     generated_tokens: int = 0
     teacher_forward_tokens: int = 0
     response_tokens_trained: int = 0
+    pt_tokens_trained: int = 0  # the PT loss's pre-training tokens (pt_coef > 0): trained like the responses
     skipped_steps: int = 0
     wall_time_s: float = 0.0
+    budget: BudgetCheckpoint | None = None  # the compute-matched checkpoint (pipeline/cost.py), by validation Rouge-L
+
+    def before_validation(self, step: int) -> None:
+        if self.budget is not None:
+            spent = self.budget.spent(self.response_tokens_trained + self.pt_tokens_trained, self.generated_tokens,
+                                      self.teacher_forward_tokens)
+            self.budget.before_validation(step, spent, self.best_state, self.best_rouge_l)
 
 
 def state_hash(model: torch.nn.Module) -> str:
@@ -258,6 +267,7 @@ def train_minillm(
     log_metrics,
     rollout_dir: Path | None,
     checkpointer: Checkpointer,
+    budget: BudgetCheckpoint | None = None,
 ) -> MiniLLMResult:
     world, device = dist.world_size, dist.device
     grad_accum = engine.accumulation_steps(config.batch_size, config.micro_batch_size, world, "distill.minillm")
@@ -283,8 +293,9 @@ def train_minillm(
         rng.bit_generator.state = mine["generators"]["minillm"]
         rollout_generator.set_state(mine["generators"]["rollout"])
     else:
-        result = MiniLLMResult(best_state=cpu_state(student))
+        result = MiniLLMResult(best_state=cpu_state(student), budget=budget)
         initial = validate(student, teacher, tokenizer, valid_records, config, seed, device)
+        result.before_validation(0)
         result.best_rouge_l = initial["valid/rouge_l"]
         result.valid_curve.append({"step": 0, "valid_rouge_l": initial["valid/rouge_l"],
                                    "valid_reverse_kl": initial["valid/reverse_kl_sequence"]})
@@ -312,12 +323,18 @@ def train_minillm(
                                      pt_blocks, rng, config, dist)
                 step += 1
                 metrics = step_metrics(totals, model_engine, config, time.perf_counter() - started, round_stats)
-                record_step(result, metrics, step, int(totals["response_tokens"]), checkpointer, log_metrics, progress)
+                # The PT batch counts as trained when its loss is (pt_coef > 0), with the teacher's forward on it when
+                # it mixes in teacher KD; with pt_coef 0 its forward only feeds the logged loss/pt and is not counted.
+                pt_tokens = int(totals["pt_tokens"]) if config.pt_coef > 0 else 0
+                pt_teacher_tokens = pt_tokens if config.pt_teacher_kd_ratio > 0 else 0
+                record_step(result, metrics, step, int(totals["response_tokens"]), pt_tokens, pt_teacher_tokens,
+                            checkpointer, log_metrics, progress)
                 if step % config.eval_every == 0 or step == config.steps:
                     scores = validate(model_engine.module, teacher, tokenizer, valid_records, config, seed, device)
                     result.valid_curve.append({"step": step, "valid_rouge_l": scores["valid/rouge_l"],
                                                "valid_reverse_kl": scores["valid/reverse_kl_sequence"]})
                     log_metrics(scores, step)
+                    result.before_validation(step)
                     if scores["valid/rouge_l"] > result.best_rouge_l:
                         result.best_rouge_l, result.best_state = scores["valid/rouge_l"], cpu_state(model_engine.module)
                 result.wall_time_s = wall_time_before + time.perf_counter() - segment_started
@@ -343,8 +360,8 @@ def train_minillm(
     return result
 
 
-def record_step(result: MiniLLMResult, metrics: dict, step: int, response_tokens: int, checkpointer: Checkpointer,
-                log_metrics, progress) -> None:
+def record_step(result: MiniLLMResult, metrics: dict, step: int, response_tokens: int, pt_tokens: int,
+                pt_teacher_tokens: int, checkpointer: Checkpointer, log_metrics, progress) -> None:
     """Stop or skip a non-finite step (checkpoint.max_nonfinite_skips); otherwise add it to the curve and log it."""
     bad_part = checkpoint.first_nonfinite(
         {"single_step": metrics["loss/single_step"], "long_term": metrics["loss/long_term"], "pt": metrics["loss/pt"],
@@ -355,6 +372,8 @@ def record_step(result: MiniLLMResult, metrics: dict, step: int, response_tokens
                                                        checkpointer.max_nonfinite_skips)
     else:
         result.response_tokens_trained += response_tokens
+        result.pt_tokens_trained += pt_tokens
+        result.teacher_forward_tokens += pt_teacher_tokens
         result.train_curve.append({"step": step, **{k.replace("/", "_"): v for k, v in metrics.items()}})
         log_metrics(metrics, step)
         progress.set_postfix(reward=f"{metrics['rollout/reward_mean']:.2f}")
@@ -364,7 +383,8 @@ def record_step(result: MiniLLMResult, metrics: dict, step: int, response_tokens
 def summarize_minillm(result: MiniLLMResult) -> dict:
     return {"best_valid_rouge_l": result.best_rouge_l, "steps": len(result.train_curve),
             "skipped_steps": result.skipped_steps, "wall_time_s": result.wall_time_s,
-            "response_tokens_trained": result.response_tokens_trained, "generated_tokens": result.generated_tokens,
+            "response_tokens_trained": result.response_tokens_trained, "pt_tokens_trained": result.pt_tokens_trained,
+            "generated_tokens": result.generated_tokens,
             "teacher_forward_tokens": result.teacher_forward_tokens,
             "final_reward_mean": result.train_curve[-1]["rollout_reward_mean"]}
 

@@ -26,6 +26,7 @@ import pandas as pd  # noqa: E402
 
 from pipeline import eval_metrics, significance
 from pipeline.config import EVAL_SETS, METHODS
+from pipeline.cost import training_flops
 from pipeline.io import atomic_write_json, atomic_write_text
 
 METHOD_NAMES = {"teacher": "Teacher", "sft": "SFT w/o KD", "sft_long": "Longer SFT", "kd": "KD", "seqkd": "SeqKD",
@@ -61,7 +62,7 @@ PAPER_MODEL_SIZES = {"gpt2-xl": "1.5B", "gpt2": "120M", "gpt2-medium": "340M", "
 REPORT_FILES = ("summary.json", "summary_sets.json", "table1.md", "table1.csv", "results.csv", "paper.md", "measurements.md",
                 "measurements.csv", "rouge_l.png",
                 "minillm_training.png", "rouge_l_by_length.png", "rouge_l_vs_cost.png", "exposure_bias.png",
-                "validation_rouge_l.png", "validation_rouge_l_vs_flops.png", "significance.md")
+                "validation_rouge_l.png", "validation_rouge_l_vs_flops.png", "significance.md", "compute_matched.md")
 
 
 @dataclass
@@ -299,7 +300,7 @@ def training_cost(files: TrainingMetrics, student: str, train_seed: int, method:
         if not stage:
             missing.append(f"{path} (absent)")
             continue
-        trained = stage.get("response_tokens_trained", 0)
+        trained = stage.get("response_tokens_trained", 0) + stage.get("pt_tokens_trained", 0)  # MiniLLM's PT loss
         generated = stage.get("generated_tokens", 0)
         teacher_tokens = stage.get("teacher_forward_tokens", 0)
         missing += [f"{path}:{key}" for key in ("parameters", "wall_time_s") if key not in stage]
@@ -307,11 +308,10 @@ def training_cost(files: TrainingMetrics, student: str, train_seed: int, method:
         totals["generated_tokens"] += generated
         totals["teacher_forward_tokens"] += teacher_tokens
         totals["wall_time_s"] += stage.get("wall_time_s", float("nan"))
-        flops = 6 * stage.get("parameters", float("nan")) * trained + 2 * stage.get("parameters", float("nan")) * generated
-        if teacher_tokens:
-            flops += 2 * (teacher_parameters if teacher_parameters else float("nan")) * teacher_tokens
-            if not teacher_parameters:
-                missing.append(f"{files.train_teacher}:parameters")
+        flops = training_flops(stage.get("parameters", float("nan")), trained, generated,
+                               teacher_parameters if teacher_parameters else float("nan"), teacher_tokens)
+        if teacher_tokens and not teacher_parameters:
+            missing.append(f"{files.train_teacher}:parameters")
         totals["flops"] += flops
         if index < len(stage_files) - 1:
             totals["start_flops"] += flops
@@ -319,7 +319,7 @@ def training_cost(files: TrainingMetrics, student: str, train_seed: int, method:
         generation = read_json(files.teacher_generate)
         if "generated_tokens" in generation and teacher_parameters:
             totals["generated_tokens"] += generation["generated_tokens"]
-            totals["flops"] += 2 * teacher_parameters * generation["generated_tokens"]
+            totals["flops"] += training_flops(teacher_parameters, 0, generation["generated_tokens"])
             totals["wall_time_s"] += generation.get("wall_time_s", float("nan"))
         else:
             missing.append(f"{files.teacher_generate} (the teacher's SeqKD generation)")
@@ -416,7 +416,8 @@ def measurements_markdown(measurements: pd.DataFrame, by_length: pd.DataFrame, e
         parts += ["## Cost per method", "",
                   "From the pre-trained student (Longer SFT, MiniLLM, GKD, DistiLLM and OPD include the SFT initialisation they start "
                   "from; teacher SFT and pre-training "
-                  "excluded). FLOPs = 6·N_student·trained tokens + 2·N_student·generated tokens + 2·N_teacher·teacher-forward tokens.", "",
+                  "excluded). FLOPs = 6·N_student·trained tokens + 2·N_student·generated tokens + 2·N_teacher·teacher-forward tokens; "
+                  "MiniLLM's PT-loss tokens count as trained when pt_coef > 0 (pipeline/cost.py).", "",
                   table.to_markdown(index=False, floatfmt=".3g"), ""]
         gaps = sorted({m for text in cost["missing"] for m in text.split("; ") if m})
         if gaps:
@@ -469,10 +470,12 @@ def plot_rouge_vs_cost(cost: pd.DataFrame, path: str) -> None:
     save_figure(figure, path)
 
 
-def plot_validation_vs_flops(curves: dict[str, pd.DataFrame], cost: pd.DataFrame, path: str) -> None:
+def plot_validation_vs_flops(curves: dict[str, pd.DataFrame], cost: pd.DataFrame, path: str,
+                             budget_flops: float | None = None) -> None:
     """Every method's validation Rouge-L against the training FLOPs spent to reach each checkpoint: the start (the SFT
     init, for the methods that begin there) plus the method's FLOPs in proportion to its steps done (each method's
-    FLOPs per step taken as constant, which holds on average for the on-policy ones)."""
+    FLOPs per step taken as constant, which holds on average for the on-policy ones); a vertical line at the
+    compute-matched table's budget."""
     figure, axis = plt.subplots(figsize=(6, 3.6))
     per_model = {f"{row.method}@{row.student}": row for row in cost.itertuples()}
     for model, curve in sorted(curves.items(), key=lambda kv: (METHODS.index(kv[0].split("@")[0]), kv[0])):
@@ -482,6 +485,8 @@ def plot_validation_vs_flops(curves: dict[str, pd.DataFrame], cost: pd.DataFrame
         spent = row.start_flops + (row.flops - row.start_flops) * curve["step"] / curve["step"].max()
         method, student = model.split("@", 1)
         axis.plot(spent, curve["valid_rouge_l"], marker="o", markersize=3, label=f"{METHOD_NAMES[method]} ({student})")
+    if budget_flops is not None:
+        axis.axvline(budget_flops, color="grey", linestyle="--", linewidth=0.8, label="compute_matched.md budget")
     axis.set_xscale("log")
     axis.set_xlabel("training FLOPs spent (from the pre-trained student)")
     axis.set_ylabel("validation Rouge-L")
@@ -524,11 +529,13 @@ def save_figure(figure, path: str) -> None:
 
 
 
-def significance_tests(evaluations: list[EvalMetrics], predictions: Path, seed: int) -> dict:
+def significance_tests(evaluations: list[EvalMetrics], predictions: Path | list[Path], seed: int) -> dict:
     """{(method, student, reference): {set or "average": Interval}} for every student method against each of
-    SIGNIFICANCE_REFERENCES of the same size, from the per-prompt scores in `predictions`/<name>/<set>.jsonl."""
-    scores = {(e.method, e.student, e.train_seed): significance.read_scores(predictions / e.name, ordered_sets(e.sets))
-              for e in evaluations if e.method != "teacher"}
+    SIGNIFICANCE_REFERENCES of the same size, from the per-prompt scores in `predictions`/<name>/<set>.jsonl
+    (`predictions` one directory, or one per evaluation)."""
+    roots = predictions if isinstance(predictions, list) else [predictions] * len(evaluations)
+    scores = {(e.method, e.student, e.train_seed): significance.read_scores(root / e.name, ordered_sets(e.sets))
+              for e, root in zip(evaluations, roots, strict=True) if e.method != "teacher"}
     tests = {}
     for method, student, _ in scores:
         for reference in SIGNIFICANCE_REFERENCES:
@@ -561,11 +568,63 @@ def significance_markdown(tests: dict) -> str:
     return "\n".join(parts)
 
 
+def budget_runs(budget_evaluations: list[EvalMetrics], cost: pd.DataFrame, files: TrainingMetrics) -> pd.DataFrame:
+    """Per (method, student) of the compute-matched table: what each training run kept at the budget (the `at_budget`
+    entry of its metrics file, pipeline/cost.py), over its training seeds; SFT w/o KD's row is its Table 1 model."""
+    rows = []
+    for e in budget_evaluations:
+        entry = read_json(files.distill / e.method / f"{e.student}-seed{e.train_seed}.json").get("at_budget", {})
+        rows.append({"method": e.method, "student": e.student, "run_flops": entry.get("run_flops", float("nan")),
+                     "exceeded_at_step": entry.get("exceeded_at_step"), "kept": entry.get("kept", "(not recorded)")})
+    frame = pd.DataFrame(rows, columns=["method", "student", "run_flops", "exceeded_at_step", "kept"])
+    per_model = frame.groupby(["method", "student"]).agg(
+        run_flops=("run_flops", "mean"),
+        kept=("kept", lambda kept: "; ".join(sorted(set(kept)))),
+        exceeded_at_step=("exceeded_at_step", lambda steps: ", ".join(str(int(s)) for s in steps if pd.notna(s)) or "-"),
+    ).reset_index()
+    sft = cost[cost["method"] == "sft"][["method", "student", "flops"]].rename(columns={"flops": "run_flops"})
+    sft = sft.assign(kept="the Table 1 model", exceeded_at_step="-")
+    return pd.concat([sft, per_model], ignore_index=True)
+
+
+def compute_matched_markdown(budget_flops: float, numbers: pd.DataFrame, tests: dict, runs: pd.DataFrame,
+                             table1: pd.DataFrame) -> str:
+    """reports/compute_matched.md: Table 1's layout at one training-FLOPs budget, then what each run kept."""
+    kept = runs.merge(table1[["method", "student", "average"]], on=["method", "student"], how="left")
+    kept = in_table_order(kept)
+    kept_table = pd.DataFrame({
+        "Model": kept["student"], "Method": kept["method"].map(METHOD_NAMES),
+        "run FLOPs": kept["run_flops"].map(lambda f: f"{f:.3g}"),
+        "within budget": (kept["run_flops"] <= budget_flops).map({True: "yes: ran to the end", False: "no"}),
+        "first validation past the budget (step)": kept["exceeded_at_step"], "kept": kept["kept"],
+        "Table 1 Avg.": kept["average"].map(lambda a: f"{a:.2f}"),
+    })
+    over = kept[(kept["method"] == "sft") & (kept["run_flops"] > budget_flops)]
+    warning = ([f"SFT w/o KD spends {over['run_flops'].iloc[0]:.3g} FLOPs, more than the budget: its row is not "
+                "compute-matched; raise `compute_budget_flops` above it.", ""] if len(over) else [])
+    return "\n".join([
+        f"# Compute-matched Rouge-L (×100): every method at {budget_flops:.3g} training FLOPs", "",
+        "Table 1's layout and evaluation protocol, each method at the same training FLOPs (`compute_budget_flops`, "
+        "counted from the pre-trained student as in measurements.md's cost ledger; pipeline/cost.py). Each run keeps "
+        "what Table 1's selection rule keeps if the run stops at the budget: the checkpoint with the best validation "
+        "Rouge-L among the validations made within it (the start when none was); a run that ends within the budget "
+        "keeps its Table 1 model. The teacher and SFT w/o KD are their Table 1 rows. vs SFT w/o KD and vs MiniLLM: "
+        "the paired bootstrap of Table 1, `*` where the 95% interval excludes 0. Generated by `dvc repro`.", "",
+        *warning,
+        table1_markdown(numbers, tests), "",
+        "## What each run kept", "",
+        kept_table.to_markdown(index=False, disable_numparse=True), "",
+    ])
+
+
 def write_report(params, evaluations: list[EvalMetrics], init_curves: list[Path], distill_curves: list[Path],
-                 training: TrainingMetrics, predictions: Path, out: Path) -> str:
+                 training: TrainingMetrics, predictions: Path, out: Path,
+                 budget_evaluations: list[EvalMetrics] | None = None, budget_predictions: Path | None = None) -> str:
     """Every file of REPORT_FILES into `out`, from the evaluations (their metrics files, and the per-prompt scores
-    in `predictions`) and the training curves (train.csv and valid.csv of each run, see validation_curves);
+    in `predictions`), those of the compute-matched checkpoints (`budget_evaluations`, scores in
+    `budget_predictions`) and the training curves (train.csv and valid.csv of each run, see validation_curves);
     returns Table 1 as markdown."""
+    budget_evaluations = budget_evaluations or []
     results = long_results(evaluations)
     atomic_write_text(out / "results.csv", results.to_csv(index=False))
     numbers = table1_numbers(results)
@@ -595,6 +654,14 @@ def write_report(params, evaluations: list[EvalMetrics], init_curves: list[Path]
     cost = costs(numbers, measurements, training)
     atomic_write_text(out / "measurements.md", measurements_markdown(measurements, by_length, exposure, cost))
 
+    anchors = [e for e in evaluations if e.method in ("teacher", "sft")]  # their Table 1 rows
+    matched = anchors + budget_evaluations
+    matched_tests = significance_tests(matched, [predictions] * len(anchors) + [budget_predictions] * len(budget_evaluations),
+                                       params.seed)
+    atomic_write_text(out / "compute_matched.md", compute_matched_markdown(
+        params.compute_budget_flops, table1_numbers(long_results(matched)), matched_tests,
+        budget_runs(budget_evaluations, cost, training), numbers))
+
     plot_rouge_bars(results, out / "rouge_l.png")
     minillm_runs = sorted({path.parent for path in distill_curves if path.parent.parent.name == "minillm"})
     plot_minillm_training(minillm_runs, out / "minillm_training.png")
@@ -603,5 +670,5 @@ def write_report(params, evaluations: list[EvalMetrics], init_curves: list[Path]
     plot_exposure_bias(exposure, out / "exposure_bias.png")
     curves = validation_curves(init_curves, distill_curves)
     plot_validation_curves(curves, out / "validation_rouge_l.png")
-    plot_validation_vs_flops(curves, cost, out / "validation_rouge_l_vs_flops.png")
+    plot_validation_vs_flops(curves, cost, out / "validation_rouge_l_vs_flops.png", params.compute_budget_flops)
     return markdown

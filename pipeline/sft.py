@@ -25,6 +25,7 @@ from tqdm import tqdm
 from pipeline import checkpoint, engine, losses
 from pipeline.checkpoint import Checkpointer
 from pipeline.config import ConfigError, EngineConfig, SFTStage
+from pipeline.cost import BudgetCheckpoint
 from pipeline.data import TokenizedSplit, sft_batch
 from pipeline.evaluation import evaluate_rouge_l
 
@@ -48,8 +49,10 @@ class SFTResult:
     valid_curve: list[dict] = field(default_factory=list)
     response_tokens_trained: int = 0
     teacher_forward_tokens: int = 0
+    generated_tokens: int = 0  # SFT generates nothing while training; the field keeps the cost ledger uniform
     skipped_steps: int = 0
     wall_time_s: float = 0.0
+    budget: BudgetCheckpoint | None = None  # the compute-matched checkpoint (pipeline/cost.py), by validation Rouge-L
 
 
 def response_token_loss_parts(model, batch: dict, kd: KDTerm | None) -> tuple[dict[str, torch.Tensor], int]:
@@ -109,6 +112,7 @@ def train_sft(
     log_metrics,
     checkpointer: Checkpointer,
     kd: KDTerm | None = None,
+    budget: BudgetCheckpoint | None = None,
 ) -> SFTResult:
     world = dist.world_size
     grad_accum = engine.accumulation_steps(stage.batch_size, stage.micro_batch_size, world, stage_key)
@@ -124,7 +128,7 @@ def train_sft(
     if kd is not None:
         kd.teacher.eval()
 
-    result = SFTResult(best_rouge_state={}, best_loss_state={}, best_rouge_l=-math.inf, best_loss=math.inf)
+    result = SFTResult(best_rouge_state={}, best_loss_state={}, best_rouge_l=-math.inf, best_loss=math.inf, budget=budget)
 
     def validate(step: int) -> None:
         module = model_engine.module
@@ -133,6 +137,9 @@ def train_sft(
             module, tokenizer, valid_records, seed=seed, max_new_tokens=stage.eval_max_new_tokens, batch_size=64
         )
         module.train()
+        if result.budget is not None:
+            spent = result.budget.spent(result.response_tokens_trained, 0, result.teacher_forward_tokens)
+            result.budget.before_validation(step, spent, result.best_rouge_state, result.best_rouge_l)
         if rouge > result.best_rouge_l:
             result.best_rouge_l, result.best_rouge_state = rouge, cpu_state(module)
         if loss < result.best_loss:
@@ -213,7 +220,7 @@ def summarize(result: SFTResult) -> dict:
         "wall_time_s": result.wall_time_s,
         "response_tokens_trained": result.response_tokens_trained,
         "teacher_forward_tokens": result.teacher_forward_tokens,
-        "generated_tokens": 0,
+        "generated_tokens": result.generated_tokens,
     }
 
 

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from pipeline import checkpoint, engine, losses
 from pipeline.checkpoint import Checkpointer
 from pipeline.config import EngineConfig
+from pipeline.cost import BudgetCheckpoint
 from pipeline.data import TokenizedSplit
 from pipeline.evaluation import evaluate_rouge_l
 from pipeline.generation import left_pad, sample
@@ -100,6 +101,7 @@ class StudentDataResult:
     student_batches: int = 0  # steps whose responses were the student's (fresh or replayed)
     skipped_steps: int = 0
     wall_time_s: float = 0.0
+    budget: BudgetCheckpoint | None = None  # the compute-matched checkpoint (pipeline/cost.py), by validation Rouge-L
 
 
 def divergence_sums(model, teacher, batch: Sequences, rows: torch.Tensor, divergence: str, beta: float, alpha: float,
@@ -135,6 +137,7 @@ def train_on_student_data(
     log_metrics,
     checkpointer: Checkpointer,
     stage_key: str,
+    budget: BudgetCheckpoint | None = None,
 ) -> StudentDataResult:
     world, device = dist.world_size, dist.device
     grad_accum = engine.accumulation_steps(config.batch_size, config.micro_batch_size, world, stage_key)
@@ -153,6 +156,10 @@ def train_on_student_data(
         rouge = evaluate_rouge_l(module, tokenizer, valid_records, seed=seed, max_new_tokens=config.eval_max_new_tokens,
                                  batch_size=64)
         source.validated(step, loss)
+        if result.budget is not None:
+            spent = result.budget.spent(result.response_tokens_trained, result.generated_tokens,
+                                        result.teacher_forward_tokens)
+            result.budget.before_validation(step, spent, result.best_state, result.best_rouge_l)
         if rouge > result.best_rouge_l:
             result.best_rouge_l, result.best_state = rouge, cpu_state(module)
         result.valid_curve.append({"step": step, "valid_loss": loss, "valid_rouge_l": rouge})
@@ -166,7 +173,7 @@ def train_on_student_data(
         rng.bit_generator.state = mine["generators"]["batches"]
         sampler.generator.set_state(mine["generators"]["sampler"])
     else:
-        result = StudentDataResult(best_state=cpu_state(student))
+        result = StudentDataResult(best_state=cpu_state(student), budget=budget)
         validate(0)
     wall_time_before, segment_started = result.wall_time_s, time.perf_counter()
 

@@ -6,6 +6,8 @@ metrics/eval/<name>.json (name: "teacher" or "<method>-<student>-seed<train seed
 sampling seed (mean over examples), their mean and std; Rouge-L by gold-response length bucket, response length
 and distinct-n (each the mean over sampling seeds); ECE and token accuracy teacher-forced on the gold responses.
 For students, `exposure_bias`: ExAccErr against the teacher at a few lengths l, and the whole curve.
+`evaluate_at_budget@...` (--at-budget) evaluates a method's compute-matched checkpoint (pipeline/cost.py) into
+eval_at_budget/ and metrics/eval_at_budget/ the same way, exposure bias aside.
 MLflow: the stage run holds every number; one child run per evaluation set (tag `eval_set`) holds that set's.
 """
 
@@ -35,6 +37,9 @@ def main() -> None:
     parser.add_argument("--teacher", help="the SFT teacher: the exposure-bias measurement of a student needs it")
     parser.add_argument("--predictions", required=True, help="the directory of predictions to write, <set>.jsonl each")
     parser.add_argument("--metrics", required=True, help="the metrics file to write (.json)")
+    parser.add_argument("--at-budget", action="store_true",
+                        help="the method's compute-matched checkpoint (stage evaluate_at_budget): Rouge-L and the set "
+                             "measurements, no exposure bias")
     arguments = parser.parse_args()
     method, student, train_seed = arguments.method, arguments.student, arguments.seed
     params = load_params()
@@ -42,18 +47,22 @@ def main() -> None:
         raise ConfigError(f"--student {student}: not a label of models.students")
     if method != "teacher" and train_seed not in params.train_seeds:
         raise ConfigError(f"--seed {train_seed}: not one of train_seeds {params.train_seeds}")
-    if method != "teacher" and not arguments.teacher:
+    if arguments.at_budget and method in ("teacher", "sft"):
+        raise ConfigError(f"--at-budget: only a distillation method keeps a compute-matched checkpoint, not {method}")
+    if method != "teacher" and not arguments.at_budget and not arguments.teacher:
         raise ConfigError(f"--teacher: required to evaluate a student (--method {method})")
     if method == "teacher":
         train_seed = params.seed
     config = params.evaluate
     label = params.models.teacher.label if method == "teacher" else student
     stage = {"teacher": "evaluate_teacher", "sft": f"evaluate_sft@{student}-{train_seed}"}.get(
-        method, f"evaluate@{method}-{student}-{train_seed}")
+        method, f"evaluate{'_at_budget' if arguments.at_budget else ''}@{method}-{student}-{train_seed}")
     engine.seed_everything(params.seed)
     device = torch.device(params.engine.device)
 
     tags = {"method": method, "student": label, "train_seed": str(train_seed)}
+    if arguments.at_budget:
+        tags["checkpoint"] = "at_budget"
     with StageRun(stage, declaration(stage).params, tags=tags) as run:
         tokenizer = load_tokenizer(arguments.tokenizer)
         dtype = engine.dtype_of(params.engine)
@@ -80,7 +89,7 @@ def main() -> None:
                 print(f"{stage}: {set_name} Rouge-L {summary['rouge_l']:.2f} ± {summary['rouge_l_std']:.2f}, "
                       f"ECE {summary['ece']:.3f}, distinct-4 {summary['distinct_4']:.3f}, {summary['response_words']:.1f} words")
             exposure_set = eval_metrics.EXPOSURE_BIAS_SET
-            if method != "teacher" and exposure_set in sets:
+            if method != "teacher" and not arguments.at_budget and exposure_set in sets:
                 teacher = load_model(arguments.teacher, dtype).to(device)
                 records = read_jsonl(set_files[exposure_set])[: eval_metrics.EXPOSURE_BIAS_PROMPTS]
                 exposure = eval_metrics.exposure_bias(

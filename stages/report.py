@@ -1,5 +1,6 @@
 """DVC stage `report`: every evaluation in one table laid out like the paper's Table 1, the measurements beyond
-Rouge-L, the cost per method, the paper comparison and the plots (pipeline/report.py), into --out.
+Rouge-L, the cost per method, the compute-matched table, the paper comparison and the plots (pipeline/report.py),
+into --out.
 
 Its inputs are exactly the outputs of the stages dvc.yaml defines now (pipeline/dvc_stages.py), never whatever
 else lies in the directories it is given: a removed student or seed leaves nothing stale in the report.
@@ -24,6 +25,9 @@ def main() -> None:
     parser.add_argument("--generate-metrics", required=True, help="teacher_generate's metrics file")
     parser.add_argument("--init-plots", required=True, help="the directory of init_student's training curves")
     parser.add_argument("--distill-plots", required=True, help="the directory of the distill stages' training curves")
+    parser.add_argument("--budget-metrics", required=True,
+                        help="the directory of the evaluate_at_budget stages' metrics files (compute_matched.md)")
+    parser.add_argument("--budget-predictions", required=True, help="the directory of their predictions")
     parser.add_argument("--out", required=True, help="the report directory to write")
     arguments = parser.parse_args()
     params = load_params()
@@ -34,7 +38,9 @@ def main() -> None:
                                    teacher_generate=Path(arguments.generate_metrics))
         markdown = write_report(params, evaluations, current_outputs(arguments.init_plots),
                                 current_outputs(arguments.distill_plots), training, Path(arguments.predictions),
-                                Path(arguments.out))
+                                Path(arguments.out),
+                                [EvalMetrics.read(path) for path in current_outputs(arguments.budget_metrics)],
+                                Path(arguments.budget_predictions))
         for name in REPORT_FILES:
             run.log_artifact(Path(arguments.out) / name)
         print(markdown)

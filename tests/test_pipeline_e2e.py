@@ -8,6 +8,7 @@ and a typo in params.yaml stops `dvc repro` with one line.
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -20,6 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipeline.report import METHOD_NAMES
 from tests.workspace import copy_sources, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,12 +30,11 @@ TRAIN_SEED = 1234  # tests/micro_params.yaml train_seeds
 METHODS = {"teacher", "sft", "sft_long", "kd", "seqkd", "minillm", "gkd", "distillm", "opd"}
 EVALUATIONS = {"evaluate_teacher"} | {f"evaluate_sft@{s}-{TRAIN_SEED}" for s in STUDENTS} | {
     f"evaluate@{m}-{s}-{TRAIN_SEED}" for m in METHODS - {"teacher", "sft"} for s in STUDENTS}
-STAGES = {"check_params", "build_data", "pretrain_teacher", "train_teacher", "teacher_generate", "report"} | EVALUATIONS | {
-    f"pretrain_student@{s}" for s in STUDENTS
-} | {
-    f"{stage}@{s}-{TRAIN_SEED}" for stage in ("init_student", *(f"distill_{m}" for m in METHODS - {"teacher", "sft"}))
-    for s in STUDENTS
-}
+BUDGET_EVALUATIONS = {f"evaluate_at_budget@{m}-{s}-{TRAIN_SEED}" for m in METHODS - {"teacher", "sft"} for s in STUDENTS}
+TRAINING = {f"{stage}@{s}-{TRAIN_SEED}" for stage in ("init_student", *(f"distill_{m}" for m in METHODS - {"teacher", "sft"}))
+            for s in STUDENTS}
+STAGES = ({"check_params", "build_data", "pretrain_teacher", "train_teacher", "teacher_generate", "report"}
+          | {f"pretrain_student@{s}" for s in STUDENTS} | TRAINING | EVALUATIONS | BUDGET_EVALUATIONS)
 
 pytestmark = pytest.mark.slow
 
@@ -87,6 +88,21 @@ def test_every_stage_ran_and_the_report_has_every_method(pipeline):
     assert set(metrics["sets"]["dollyeval"]["per_seed"]) == {str(s) for s in params["evaluate"]["seeds"]}
     rollouts = sorted((workdir / "models" / "tiny2" / f"seed{TRAIN_SEED}" / "minillm" / "rollouts").glob("round_*.pt"))
     assert rollouts, "MiniLLM rollout buffers are saved"
+    # The compute-matched table: every method and student; each run's row says what its metrics file says it kept.
+    kept_rows = (workdir / "reports" / "compute_matched.md").read_text().split("## What each run kept")[1].splitlines()
+    for method in METHODS - {"teacher"}:
+        for student in STUDENTS:
+            pattern = rf"\| {student} +\| {re.escape(METHOD_NAMES[method])} +\|"
+            cells = [cell.strip() for cell in next(r for r in kept_rows if re.match(pattern, r)).split("|")[1:-1]]
+            if method == "sft":
+                assert cells[5] == "the Table 1 model"
+                continue
+            metrics_file = workdir / "metrics" / "distill" / method / f"{student}-seed{TRAIN_SEED}.json"
+            entry = json.loads(metrics_file.read_text())["at_budget"]
+            assert cells[5] == entry["kept"] and entry["budget_flops"] == params["compute_budget_flops"]
+            # The last validation is at the last step, so a run is past the budget there exactly when it ends past it.
+            assert (entry["exceeded_at_step"] is None) == (entry["run_flops"] <= entry["budget_flops"])
+            assert (workdir / "models" / student / f"seed{TRAIN_SEED}" / method / "model_at_budget").is_dir()
 
 
 def test_every_file_a_stage_opened_is_declared(pipeline):
@@ -245,7 +261,8 @@ def test_removed_students_and_seeds_leave_nothing_stale_and_a_killed_repro_resum
     current = {"check_params", "build_data", "pretrain_teacher", "train_teacher", "teacher_generate", "report",
                "evaluate_teacher", "pretrain_student@tiny"} | {
         f"{stage}@tiny-7" for stage in ("init_student", *(f"distill_{m}" for m in METHODS - {"teacher", "sft"}))} | {
-        f"evaluate@{method}-tiny-7" for method in METHODS - {"teacher", "sft"}} | {"evaluate_sft@tiny-7"}
+        f"evaluate@{method}-tiny-7" for method in METHODS - {"teacher", "sft"}} | {"evaluate_sft@tiny-7"} | {
+        f"evaluate_at_budget@{method}-tiny-7" for method in METHODS - {"teacher", "sft"}}
     lock = yaml.safe_load((workdir / "dvc.lock").read_text())["stages"]
     assert set(lock) == current
     results = pd.read_csv(workdir / "reports" / "results.csv")

@@ -24,7 +24,9 @@ from pipeline.config import (
     PretrainStage,
     SFTStage,
 )
+from pipeline.cost import BudgetCheckpoint
 from pipeline.distillm import train_distillm
+from pipeline.evaluation import evaluate_rouge_l
 from pipeline.gkd import train_gkd
 from pipeline.minillm import train_minillm
 from pipeline.models import build_gpt2
@@ -273,3 +275,90 @@ def test_gkd_and_distillm_resume_bit_identically(world, tmp_path, monkeypatch, m
     if method == "distillm":
         fills = [point["train_buffer_fill"] for point in reference.train_curve]
         assert fills[-1] == 8  # the buffer filled up (2 fresh batches of 4), so later SGO steps could replay
+
+
+def budget_for(model, fraction_of: float, start_flops: float = 0.0) -> BudgetCheckpoint:
+    return BudgetCheckpoint(budget_flops=fraction_of, start_flops=start_flops,
+                            student_parameters=sum(p.numel() for p in model.parameters()), teacher_parameters=10_000)
+
+
+def check_kept_within_budget(result, best_state: dict) -> None:
+    """The budget's checkpoint is Table 1's rule truncated at the budget: the best validation made before the first
+    one past it (validation ties keep the first), with its weights."""
+    budget = result.budget
+    steps = [point["step"] for point in result.valid_curve]
+    assert budget.exceeded_at_step in steps
+    before = [point["valid_rouge_l"] for point in result.valid_curve if point["step"] < budget.exceeded_at_step]
+    assert budget.valid_rouge_l == (max(before) if before else None)
+    if before and max(before) == result.best_rouge_l:
+        assert comparable(budget.state) == comparable(best_state)  # nothing after the budget beat it
+
+
+def test_sft_keeps_the_best_validated_checkpoint_within_the_flops_budget_and_resumes_with_it(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    stage = SFTStage(epochs=2, batch_size=8, micro_batch_size=4, optimizer=optimizer(2e-3), eval_every=2,
+                     eval_max_new_tokens=6)
+
+    def fresh(budget_flops):
+        model = copy.deepcopy(world["student"])
+        return lambda: dict(model=copy.deepcopy(model), tokenizer=world["tokenizer"], train_split=world["train"],
+                            valid_split=world["valid"], valid_records=world["records"], stage=stage,
+                            stage_key="sft_budget", seed=3, budget=budget_for(model, budget_flops))
+
+    torch.manual_seed(1)
+    unlimited, _ = run_recipe(train_sft, world, "sft_budget", None, **fresh(math.inf)())
+    assert unlimited.budget.exceeded_at_step is None and unlimited.budget.state is None
+    total = unlimited.budget.summary()["run_flops"]
+    assert total == 6 * unlimited.budget.student_parameters * unlimited.response_tokens_trained
+    assert unlimited.budget.summary()["kept"] == "the Table 1 model"
+    # Half the run's FLOPs: a validation in the middle is the first past the budget; resumed, the same is kept.
+    reference, resumed = uninterrupted_and_resumed(train_sft, world, "sft_budget", 4, fresh(total / 2))
+    assert comparable(resumed) == comparable(reference)
+    check_kept_within_budget(reference, reference.best_rouge_state)
+    assert 0 < reference.budget.exceeded_at_step < reference.valid_curve[-1]["step"]
+    kept = copy.deepcopy(world["student"])
+    kept.load_state_dict(reference.budget.state)
+    assert evaluate_rouge_l(kept, world["tokenizer"], world["records"], seed=3, max_new_tokens=6,
+                            batch_size=64) == reference.budget.valid_rouge_l  # the weights are the validated ones
+    # A budget below the first validation's FLOPs: nothing validated within it, the start is kept.
+    torch.manual_seed(1)
+    early, _ = run_recipe(train_sft, world, "sft_budget", None, **fresh(1.0)())
+    assert early.budget.exceeded_at_step == 2 and early.budget.state == {} and early.budget.valid_rouge_l is None
+    assert early.budget.summary()["kept"] == "the start"
+
+
+def test_minillm_and_gkd_keep_their_checkpoint_within_the_budget_across_a_resume(world, tmp_path, monkeypatch):
+    """The start counts (start_flops, e.g. the SFT init's): step 0's validation is within the budget."""
+    monkeypatch.chdir(tmp_path)
+    config = MiniLLMMethod.model_validate(MINILLM)
+
+    def fresh_minillm():
+        rollouts = tmp_path / "rollouts"
+        rollouts.mkdir(exist_ok=True)
+        student = copy.deepcopy(world["student"])
+        return dict(student=student, teacher=world["teacher"], tokenizer=world["tokenizer"],
+                    train_prompts=world["train"].prompts(), pt_blocks=world["blocks"], valid_records=world["records"],
+                    config=config, seed=3, rollout_dir=rollouts, budget=budget_for(student, 5e7, start_flops=4e7))
+
+    reference, resumed = uninterrupted_and_resumed(train_minillm, world, "minillm_budget", 4, fresh_minillm)
+    assert comparable(resumed) == comparable(reference)
+    check_kept_within_budget(reference, reference.best_state)
+    assert reference.budget.spent(0, 0, 0) == 4e7 and reference.budget.exceeded_at_step > 0
+    # The PT loss (pt_coef 1) trains 2 blocks of 32 tokens (31 predicted) per step for 10 steps: trained tokens too.
+    assert reference.pt_tokens_trained == 10 * 2 * 31 and reference.skipped_steps == 0
+    assert reference.budget.summary()["run_flops"] == reference.budget.spent(
+        reference.response_tokens_trained + reference.pt_tokens_trained, reference.generated_tokens,
+        reference.teacher_forward_tokens)
+
+    gkd = GKDMethod(**STUDENT_DATA, on_policy_fraction=0.5, beta=0.5, temperature=0.9, loss_temperature=1.0, seq_kd=False)
+
+    def fresh_gkd():
+        student = copy.deepcopy(world["student"])
+        return dict(student=student, teacher=world["teacher"], tokenizer=world["tokenizer"], train_split=world["train"],
+                    valid_split=world["valid"], valid_records=world["records"], config=gkd, seed=5,
+                    budget=budget_for(student, 4.5e7, start_flops=4e7))
+
+    reference, resumed = uninterrupted_and_resumed(train_gkd, world, "gkd_budget", 4, fresh_gkd)
+    assert comparable(resumed) == comparable(reference)
+    check_kept_within_budget(reference, reference.best_state)
+    assert reference.budget.exceeded_at_step > 0

@@ -26,6 +26,11 @@ ROUGE = {
     ("minillm", "S", 1): {"dollyeval": [25.0, 27.0], "sni": [38.0, 40.0]},
     ("minillm", "S", 2): {"dollyeval": [29.0, 31.0], "sni": [40.0, 42.0]},
 }
+# MiniLLM's compute-matched checkpoints (evaluate_at_budget): SFT w/o KD's scores, +2 on DollyEval.
+ROUGE_AT_BUDGET = {
+    ("minillm", "S", 1): {"dollyeval": [22.0, 24.0], "sni": [40.0, 42.0]},
+    ("minillm", "S", 2): {"dollyeval": [26.0, 28.0], "sni": [44.0, 46.0]},
+}
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -34,7 +39,8 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def fake_metrics_tree(root: Path) -> None:
-    for (method, student, train_seed), sets in ROUGE.items():
+    for (method, student, train_seed), sets, evaluation in (
+            [(*item, "eval") for item in ROUGE.items()] + [(*item, "eval_at_budget") for item in ROUGE_AT_BUDGET.items()]):
         summary = {}
         for eval_set, (first, second) in sets.items():
             summary[eval_set] = {
@@ -43,13 +49,13 @@ def fake_metrics_tree(root: Path) -> None:
                 "ece": 0.1, "token_accuracy": 0.5, "response_words": 4.0, "distinct_1": 0.2, "distinct_2": 0.4, "distinct_4": 0.8,
             }
         metrics = {"method": method, "student": student, "train_seed": train_seed, "sets": summary}
-        if method != "teacher":
+        if method != "teacher" and evaluation == "eval":
             curve = [10.0, 20.0] if method == "sft" else [-5.0, -train_seed * 1.0]
             metrics["exposure_bias"] = {"ex_acc_err_at": {"2": curve[1]}, "curve": {"l": [1, 2], "ex_acc_err": curve}}
         name = "teacher" if method == "teacher" else f"{method}-{student}-seed{train_seed}"
-        write_json(root / "eval" / f"{name}.json", metrics)
+        write_json(root / evaluation / f"{name}.json", metrics)
         # Predictions: two prompts per sampling seed, scored mean - 1 and mean + 1 (so the seed's mean is as above).
-        predictions = root.parent / "eval" / name
+        predictions = root.parent / evaluation / name
         predictions.mkdir(parents=True, exist_ok=True)
         for eval_set, per_seed in sets.items():
             rows = [{"seed": seed, "rouge_l": mean + offset} for seed, mean in zip((10, 20), per_seed) for offset in (-1, 1)]
@@ -60,7 +66,9 @@ def fake_metrics_tree(root: Path) -> None:
                    {"parameters": 1000, "response_tokens_trained": trained, "wall_time_s": wall})
         write_json(root / "distill" / "minillm" / f"S-seed{train_seed}.json",
                    {"parameters": 1000, "response_tokens_trained": 50, "generated_tokens": 40,
-                    "teacher_forward_tokens": 60, "wall_time_s": 30.0})
+                    "teacher_forward_tokens": 60, "wall_time_s": 30.0,
+                    "at_budget": {"budget_flops": 1e9, "exceeded_at_step": 2 + train_seed, "valid_rouge_l": 20.0,
+                                  "run_flops": 2e9 * train_seed, "kept": "the best validated within budget"}})
 
 
 def eval_files(metrics_root: Path) -> list[report.EvalMetrics]:
@@ -170,6 +178,10 @@ stages:
     matrix: {method: [sft, minillm], seed: [1, 2]}
     cmd: "true"
     outs: [{"metrics/eval/${item.method}-S-seed${item.seed}.json": {cache: false}}]
+  evaluate_at_budget:
+    matrix: {seed: [1, 2]}
+    cmd: "true"
+    outs: [{"metrics/eval_at_budget/minillm-S-seed${item.seed}.json": {cache: false}}]
   distill_minillm:
     cmd: "true"
     plots: [{plots/distill/minillm/S-seed1/train.csv: {cache: false}}, {plots/distill/minillm/S-seed1/valid.csv: {cache: false}}]
@@ -178,8 +190,8 @@ stages:
       python -m stages.report --eval-metrics metrics/eval --predictions eval --init-metrics metrics/init_student
       --distill-metrics metrics/distill --teacher-metrics metrics/train_teacher.json
       --generate-metrics metrics/teacher_generate.json --init-plots plots/init_student --distill-plots plots/distill
-      --out reports
-    params: [evaluate.seeds, train_seeds]
+      --budget-metrics metrics/eval_at_budget --budget-predictions eval_at_budget --out reports
+    params: [evaluate.seeds, train_seeds, compute_budget_flops]
 """
 
 
@@ -217,6 +229,19 @@ def test_report_stage_writes_every_file(metrics_root: Path, monkeypatch: pytest.
     assert "**28.00 ± 2.58**" in (workdir / "reports" / "table1.md").read_text()
     measurements = (workdir / "reports" / "measurements.md").read_text()
     assert re.search(r"\| MiniLLM \(S\) +\| +-1\.5 \|", measurements)  # ExAccErr at the longest l, 2
+    # The compute-matched table: the teacher's and SFT w/o KD's Table 1 rows, MiniLLM's checkpoints at the budget:
+    # DollyEval (22+24+26+28)/4 = 25, S-NI 43, Avg. 34; SFT w/o KD + 2 on every DollyEval pair and + 0 on S-NI,
+    # a constant +1 on the average, so its interval is exactly +1 (significant).
+    matched = (workdir / "reports" / "compute_matched.md").read_text()
+    assert "every method at 1.8e+08 training FLOPs" in matched  # tests/micro_params.yaml
+    rows = {line.split("|")[2].strip(): [cell.strip() for cell in line.split("|")[3:-1]]
+            for line in matched.split("## What each run kept")[0].splitlines() if line.startswith("| S ")}
+    assert rows["MiniLLM"] == ["**25.00 ± 2.58**", "**43.00 ± 2.58**", "**34.00**", "-7.00", "+1.00*", ""]
+    assert rows["SFT w/o KD"][:3] == ["23.00 ± 2.58", "**43.00 ± 2.58**", "33.00"]
+    kept = {line.split("|")[2].strip(): [cell.strip() for cell in line.split("|")[3:-1]]
+            for line in matched.split("## What each run kept")[1].splitlines() if line.startswith("| S ")}
+    # MiniLLM's runs spent 2e9 and 4e9 (mean 3e9), past the budget at steps 3 and 4; Table 1's Avg. 34.
+    assert kept["MiniLLM"] == ["3e+09", "no", "3, 4", "the best validated within budget", "34.00"]
 
 
 def test_validation_curves_average_training_seeds_by_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
