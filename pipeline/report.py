@@ -340,6 +340,42 @@ def costs(numbers: pd.DataFrame, measurements: pd.DataFrame, files: TrainingMetr
     return per_model.reset_index().merge(numbers[["method", "student", "average"]], on=["method", "student"])
 
 
+# Where the paper and the official code differ (README, "Where the paper and the official code differ"): the param,
+# how to read it from the params, its paper value and the official code's. paper.md says which one produced our cells.
+OFFICIAL_SWITCHES = (
+    ("evaluate.no_repeat_ngram_size", lambda p: p.evaluate.no_repeat_ngram_size, 0, 6),
+    ("evaluate.exposure_bias_skip_first", lambda p: p.evaluate.exposure_bias_skip_first, False, True),
+    ("data.long_eval_prompts", lambda p: p.data.long_eval_prompts, "drop", "truncate"),
+    # Both used the authors' published split; a random split of the same data is neither.
+    ("data.splits", lambda p: "the authors' files" if p.data.splits else "random", "the authors' files",
+     "the authors' files"),
+    ("distill.seqkd.kd_ratio", lambda p: p.distill.seqkd.kd_ratio, 0.0, 0.5),
+    ("distill.minillm.returns", lambda p: p.distill.minillm.returns, "paper", "discounted"),
+    ("distill.minillm.reward_scale", lambda p: p.distill.minillm.reward_scale, 1.0, 0.5),
+    ("distill.minillm.whitening", lambda p: p.distill.minillm.whitening, "round", "official_micro_batch"),
+    ("distill.minillm.single_step_weighted", lambda p: p.distill.minillm.single_step_weighted, True, False),
+    ("distill.minillm.pt_teacher_kd_ratio", lambda p: p.distill.minillm.pt_teacher_kd_ratio, 0.0, 0.5),
+)
+
+
+def settings_markdown(params) -> list[str]:
+    """The table of paper.md that says which of the paper's and the official code's behaviours this run used."""
+    rows = []
+    for key, value_of, paper, official in OFFICIAL_SWITCHES:
+        value = value_of(params)
+        follows = ("both" if value == paper == official else "paper" if value == paper
+                   else "official code" if value == official else "neither")
+        rows.append({"param": key, "this run": str(value), "paper": str(paper), "official code": str(official),
+                     "follows": follows})
+    for label in params.models.students:  # the official gpt2-base script's 256 rollouts per step; 64 elsewhere
+        value = params.for_student(label).distill.minillm.batch_size
+        rows.append({"param": f"distill.minillm.batch_size ({label})", "this run": str(value), "paper": "64",
+                     "official code": "256 for gpt2, 64 for medium and large", "follows": ""})
+    return ["## The settings that produced our cells", "",
+            "Each difference between the paper and the official code is a param (README); this run's values:", "",
+            pd.DataFrame(rows).to_markdown(index=False), ""]
+
+
 def paper_comparison(params, numbers: pd.DataFrame) -> str:
     """reports/paper.md: the paper's Table 1 (spec §6) and, for a paper-scale run, ours beside it."""
     teacher_size = PAPER_MODEL_SIZES.get(Path(params.models.teacher.name_or_path or "").name)
@@ -369,7 +405,7 @@ def paper_comparison(params, numbers: pd.DataFrame) -> str:
         rows.append(row)
     if paper_scale:
         lines += ["Cells: paper / ours (ours − paper). Ours: mean over seeds, as in table1.md.", ""]
-    return "\n".join(lines) + "\n" + pd.DataFrame(rows).to_markdown(index=False) + "\n"
+    return "\n".join([*lines, pd.DataFrame(rows).to_markdown(index=False), "", *settings_markdown(params)])
 
 
 def measurements_markdown(measurements: pd.DataFrame, by_length: pd.DataFrame, exposure: pd.DataFrame, cost: pd.DataFrame) -> str:

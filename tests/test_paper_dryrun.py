@@ -2,16 +2,20 @@
 GPT-2 shapes, a couple of steps with tiny batches, so that shape, memory-layout and config bugs surface before
 anyone spends GPU hours.
 
-The params are the paper config with configs/paper-gpt2-dryrun.yaml deep-merged over it, nothing else: the spec's
-optimisers and schedules, max length 512 / prompt 256, MiniLLM's losses and mixing, DeepSpeed ZeRO stage 1 (on the
-CPU in fp32: one process, gloo). What the overlay and this test replace, and why:
+The params are the paper config with the official-code overlay (configs/official-gpt2.yaml: n-gram blocking, the
+official whitening, the unweighted single-step term, prompt truncation, ...) and configs/paper-gpt2-dryrun.yaml
+deep-merged over it, nothing else: the spec's optimisers and schedules, max length 512 / prompt 256, MiniLLM's
+losses and mixing, DeepSpeed ZeRO stage 1 (on the CPU in fp32: one process, gloo), the three students of the GPT-2
+family with their own SFT settings. The paper's own defaults of those switches run in the embedded default and the
+end-to-end test. What the overlay and this test replace, and why:
 
 - Tokenizer. No GPT-2 files offline, so a byte-level BPE with GPT-2's exact layout: 256 byte symbols, 50,000
   merges, <|endoftext|> = 50256, its first merges trained on the dry-run text so that words are one or two tokens,
   as with GPT-2's (a no-context prompt takes 35). The vocabulary size, the width of every logits tensor and
   embedding, is what memory and the chunked divergences depend on.
-- Student: `arch` of gpt2's shape (12 x 768 x 12, 124M parameters with the tied 50,257 x 768 embedding), built
-  from scratch and trained 2 steps by pretrain_student, then every student stage.
+- Students: 120M is an `arch` of gpt2's shape (12 x 768 x 12, 124M parameters with the tied 50,257 x 768
+  embedding), built from scratch and trained 2 steps by pretrain_student, then every student stage. 340M and 760M
+  keep their labels and their overrides (760M: 10 SFT epochs) on small shapes.
 - Teacher. GPT-2 XL (48 x 1600 x 25, 1.56B parameters) cannot be fine-tuned here: fp32 AdamW holds weights,
   gradients and two moments, 16 bytes per parameter, ~25 GB, more than this 24 GiB machine. So `dvc repro` runs
   teacher SFT (2 steps) on a random-initialised gpt2-medium shape (24 x 1024 x 16, 355M) given as a local
@@ -50,6 +54,7 @@ from tests.workspace import copy_sources, run, stage_command
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER_CONFIG = REPO / "configs" / "paper-gpt2.yaml"
+OFFICIAL_OVERLAY = REPO / "configs" / "official-gpt2.yaml"
 DRYRUN_OVERLAY = REPO / "configs" / "paper-gpt2-dryrun.yaml"
 EOS_TOKEN = "<|endoftext|>"
 GPT2_VOCAB_SIZE = 50257
@@ -158,13 +163,11 @@ def test_paper_config_runs_end_to_end_on_gpt2_shapes(tmp_path):
     copy_sources(workdir)
     (workdir / "reports").mkdir(exist_ok=True)
     paper = yaml.safe_load(PAPER_CONFIG.read_text())
-    overlay = yaml.safe_load(DRYRUN_OVERLAY.read_text())
-    params = deep_merge(paper, overlay)
-    # One student of gpt2's shape: the family's other sizes differ in shape and in their overrides, whose wiring
-    # tests/test_dvc_stages.py checks; their real shapes do not fit this box next to the teacher.
-    params["models"]["students"] = overlay["models"]["students"]
+    params = deep_merge(deep_merge(paper, yaml.safe_load(OFFICIAL_OVERLAY.read_text())),
+                        yaml.safe_load(DRYRUN_OVERLAY.read_text()))
     (workdir / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    [student] = params["models"]["students"]
+    assert list(params["models"]["students"]) == ["120M", "340M", "760M"]
+    student = "120M"  # gpt2's shape: the one the XL teacher runs beside below
     [seed] = params["train_seeds"]
 
     records, documents = dryrun_texts()
@@ -209,6 +212,15 @@ def test_paper_config_runs_end_to_end_on_gpt2_shapes(tmp_path):
     for metrics_file in sorted((workdir / "metrics").rglob("*.json")):
         assert finite_numbers(json.loads(metrics_file.read_text())), metrics_file
     assert json.loads((workdir / "metrics" / "train_teacher.json").read_text())["steps"] == 2
+    # Each student's own SFT settings reached its stages: 760M's 10 epochs of 2 steps, the others' one epoch.
+    init_steps = {label: json.loads((workdir / "metrics" / "init_student" / f"{label}-seed{seed}.json").read_text())["steps"]
+                  for label in params["models"]["students"]}
+    assert init_steps == {"120M": 2, "340M": 2, "760M": 20}
+    # The official switches reached the stages that read them (dvc.lock records each stage's params).
+    assert lock[f"evaluate@minillm-760M-{seed}"]["params"]["params.yaml"]["evaluate"]["no_repeat_ngram_size"] == 6
+    minillm_params = lock[f"distill_minillm@340M-{seed}"]["params"]["params.yaml"]["distill.minillm"]
+    assert (minillm_params["whitening"], minillm_params["single_step_weighted"]) == ("official_micro_batch", False)
+    assert lock["build_data"]["params"]["params.yaml"]["data"]["long_eval_prompts"] == "truncate"
     assert json.loads((workdir / "metrics" / "distill" / "minillm" / f"{student}-seed{seed}.json").read_text())["steps"] == 2
     assert "MiniLLM" in (workdir / "reports" / "table1.md").read_text()
 

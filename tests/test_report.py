@@ -5,14 +5,15 @@ import json
 import re
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow
 import pandas as pd
 import pytest
+import yaml
 from dvc.repo import Repo
 
 from pipeline import report
+from pipeline.config import Params, deep_merge
 from stages import report as report_stage
 from tests.workspace import stage_command
 
@@ -152,20 +153,30 @@ def test_paper_comparison():
         {"student": "1.5B", "method": "teacher", "dollyeval_mean": 27.0, "selfinst_mean": 11.0},
         {"student": "120M", "method": "minillm", "dollyeval_mean": 25.1, "selfinst_mean": 12.2},
     ])
-    paper_scale = SimpleNamespace(
-        models=SimpleNamespace(teacher=SimpleNamespace(name_or_path="/models/gpt2-xl", label="1.5B"),
-                               students={"120M": SimpleNamespace(name_or_path="gpt2")}),
-        data=SimpleNamespace(source="dolly"))
+    paper_scale = Params.model_validate(deep_merge(yaml.safe_load((REPO / "configs" / "paper-gpt2.yaml").read_text()), {
+        "models": {"teacher": {"name_or_path": "/models/gpt2-xl"}}}))
     markdown = report.paper_comparison(paper_scale, numbers)
     assert "| 120M    | MiniLLM    | 24.6 / 25.10 (+0.50) | 13.2 / 12.20 (-1.00) |" in markdown
     assert "27.6 / 27.00 (-0.60)" in markdown and "14.3 / 11.00 (-3.30)" in markdown  # the teacher's full row
     # Every published row of spec §6, KD and the 760M SFT row included; a blank cell stays blank.
     assert "| 120M    | KD         | 22.8" in markdown and "| 760M    | SFT w/o KD | 25.4" in markdown
     assert "| 340M    | MiniLLM    | 25.4                 |                      |" in markdown
-    embedded = SimpleNamespace(models=SimpleNamespace(teacher=SimpleNamespace(name_or_path=None, label="0.95M"), students={}),
-                               data=SimpleNamespace(source="synthetic"))
+    # Which of the paper's and the official code's behaviours produced the cells: the paper's, here, but for the
+    # truncated prompts the paper config takes from the official code; with the official overlay, the official ones.
+    assert re.search(r"\| evaluate\.no_repeat_ngram_size +\| 0 +\| 0 +\| 6 +\| paper", markdown)
+    assert re.search(r"\| data\.long_eval_prompts +\| truncate +\| drop +\| truncate +\| official code", markdown)
+    official = Params.model_validate(deep_merge(yaml.safe_load((REPO / "configs" / "paper-gpt2.yaml").read_text()),
+                                                yaml.safe_load((REPO / "configs" / "official-gpt2.yaml").read_text())))
+    settings = report.paper_comparison(official, numbers).split("## The settings")[1]
+    follows = [line.split("|")[-2].strip() for line in settings.splitlines()[6:] if line.startswith("| ")]
+    # A random split is neither's (both used the authors' files); the students' batch rows say it in their values.
+    assert follows == ["official code"] * 3 + ["neither"] + ["official code"] * 6 + ["", "", ""]
+    assert re.search(r"\| distill\.minillm\.batch_size \(120M\) +\| 256 ", settings)
+    assert re.search(r"\| distill\.minillm\.batch_size \(760M\) +\| 64 ", settings)
+    embedded = Params.model_validate(yaml.safe_load((REPO / "params.yaml").read_text()))
     markdown = report.paper_comparison(embedded, numbers)
-    assert "no difference to the paper is computed" in markdown and " / " not in markdown.split("\n| Model")[1]
+    assert "no difference to the paper is computed" in markdown
+    assert " / " not in markdown.split("\n| Model")[1].split("## The settings")[0]
 
 
 # The stages whose outputs fake_metrics_tree writes, as a matrix over methods and training seeds like dvc.yaml's.
