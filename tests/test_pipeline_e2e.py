@@ -213,7 +213,7 @@ def test_two_queued_experiments_run_at_once_and_share_the_mlflow_store(pipeline)
         shown = run(command, workdir, env)
         assert "WARNING" not in shown.stdout + shown.stderr and "failed" not in shown.stdout + shown.stderr, shown
 
-    expected_stages = {"check_params", "report"} | EVALUATIONS
+    expected_stages = {"check_params", "report"} | EVALUATIONS | BUDGET_EVALUATIONS
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     experiment_id = client.get_experiment_by_name("minillm-distillation").experiment_id
     for name in experiments:
