@@ -58,7 +58,7 @@ def main() -> None:
         student_shape, teacher_shape = parse_pair(pair)
         student = build_model(student_shape, device, dtype, seed=1)
         teacher = build_model(teacher_shape, device, dtype, seed=2)
-        vocab_size = SHAPES[student_shape][3]
+        vocab_size = SHAPES[student_shape][1]
         for batch in tqdm(args.batches, desc=pair):
             prompt_generator = torch.Generator().manual_seed(batch)
             lengths = torch.randint(args.prompt_len // 2 + 1, args.prompt_len + 1, (batch,), generator=prompt_generator)

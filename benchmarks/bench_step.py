@@ -108,7 +108,7 @@ def main() -> None:
     device = setup_device(args)
     dtype = DTYPES[args.dtype]
     student_shape, teacher_shape = parse_pair(args.pair)
-    vocab_size = SHAPES[student_shape][3]
+    vocab_size = SHAPES[student_shape][1]
 
     raw = yaml.safe_load(open("params.yaml"))["distill"]["minillm"]
     config = MiniLLMMethod.model_validate({**raw, "pt_coef": 1.0})

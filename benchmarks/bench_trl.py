@@ -34,7 +34,7 @@ from transformers import TrainerCallback
 from benchmarks.common import MIB, current_rss, print_table, process_peak_rss
 from pipeline.config import Architecture
 from pipeline.data import build_prompt, train_bpe_tokenizer
-from pipeline.models import build_gpt2
+from pipeline.models import build_causal_lm
 from pipeline.synthetic import build_suite
 
 CONTENDERS = ("ours", "ours_gkd", "gkd", "minillm")
@@ -54,7 +54,7 @@ def build_models_and_prompts(args):
     models = []
     for seed, arch in ((2, TEACHER_ARCH), (1, STUDENT_ARCH)):
         torch.manual_seed(seed)
-        model = build_gpt2(arch, len(tokenizer), 256, tokenizer.eos_token_id)
+        model = build_causal_lm(arch, len(tokenizer), 256, tokenizer.eos_token_id)
         model.generation_config.eos_token_id = None  # never stop early: fixed-length samples for every contender
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         models.append(model)

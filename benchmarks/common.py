@@ -1,10 +1,10 @@
 """What every benchmark shares: model shapes, device and dtype flags, timing, and memory readings.
 
-Models are random-initialised GPT-2s built by the pipeline's own `build_gpt2`, so the benchmarks need no network
-and time exactly the code the pipeline runs. Memory of a piece of code (`tensor_peak`) is the peak of the bytes
-held by tensors it allocated: the CUDA allocator's statistics on a GPU; on the CPU, the allocation and free events
-that torch's profiler records (resident memory would also count library pages and the BLAS's caches). A whole
-process's peak (`process_peak_rss`) is its VmHWM.
+Models are random-initialised decoders (GPT-2, Llama and Qwen2 shapes) built by the pipeline's own
+`build_causal_lm`, so the benchmarks need no network and time exactly the code the pipeline runs. Memory of a piece
+of code (`tensor_peak`) is the peak of the bytes held by tensors it allocated: the CUDA allocator's statistics on a
+GPU; on the CPU, the allocation and free events that torch's profiler records (resident memory would also count
+library pages and the BLAS's caches). A whole process's peak (`process_peak_rss`) is its VmHWM.
 """
 
 import argparse
@@ -15,17 +15,26 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from pipeline.config import Architecture
-from pipeline.models import build_gpt2, count_parameters
+from pipeline.models import build_causal_lm, count_parameters
 
-# name -> (n_layer, n_embd, n_head, vocab_size, n_positions). The "embedded" pair is params.yaml's default models
-# (vocabulary = data.tokenizer_vocab_size); the others are the GPT-2 family's shapes with GPT-2's vocabulary.
-SHAPES = {
-    "embedded-student": (2, 64, 2, 1024, 192),
-    "embedded-teacher": (4, 128, 2, 1024, 192),
-    "gpt2": (12, 768, 12, 50257, 1024),
-    "gpt2-medium": (24, 1024, 16, 50257, 1024),
-    "gpt2-large": (36, 1280, 20, 50257, 1024),
-    "gpt2-xl": (48, 1600, 25, 50257, 1024),
+# name -> (architecture, vocabulary size, positions). The "embedded" pair is params.yaml's default models
+# (vocabulary = data.tokenizer_vocab_size), also in the Llama family; the others are published families' shapes.
+SHAPES: dict[str, tuple[Architecture, int, int]] = {
+    "embedded-student": (Architecture(n_layer=2, n_embd=64, n_head=2), 1024, 192),
+    "embedded-teacher": (Architecture(n_layer=4, n_embd=128, n_head=2), 1024, 192),
+    "embedded-llama-student": (Architecture(family="llama", n_layer=2, n_embd=64, n_head=2), 1024, 192),
+    "embedded-llama-teacher": (Architecture(family="llama", n_layer=4, n_embd=128, n_head=2), 1024, 192),
+    "gpt2": (Architecture(n_layer=12, n_embd=768, n_head=12), 50257, 1024),
+    "gpt2-medium": (Architecture(n_layer=24, n_embd=1024, n_head=16), 50257, 1024),
+    "gpt2-large": (Architecture(n_layer=36, n_embd=1280, n_head=20), 50257, 1024),
+    "gpt2-xl": (Architecture(n_layer=48, n_embd=1600, n_head=25), 50257, 1024),
+    # Llama-3.2-1B and Llama-3.1-8B: grouped-query attention, a 128K vocabulary.
+    "llama-1b": (Architecture(family="llama", n_layer=16, n_embd=2048, n_head=32, n_kv_head=8, ffn_dim=8192), 128256, 2048),
+    "llama-8b": (Architecture(family="llama", n_layer=32, n_embd=4096, n_head=32, n_kv_head=8, ffn_dim=14336), 128256, 2048),
+    # Qwen2.5-0.5B and -7B, their embeddings cut to the tokenizer's 151,665 tokens as pipeline.models.fit_vocabulary
+    # cuts them (the checkpoints pad to 151,936 and 152,064 rows).
+    "qwen2.5-0.5b": (Architecture(family="qwen2", n_layer=24, n_embd=896, n_head=14, n_kv_head=2, ffn_dim=4864), 151665, 2048),
+    "qwen2.5-7b": (Architecture(family="qwen2", n_layer=28, n_embd=3584, n_head=28, n_kv_head=4, ffn_dim=18944), 151665, 2048),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Token id that the benchmarks treat as EOS; generation never stops early so every method produces the same count.
@@ -45,7 +54,7 @@ def parse_pair(text: str) -> tuple[str, str]:
     for name in (student, teacher):
         if name not in SHAPES:
             raise SystemExit(f"unknown shape {name!r} in --pairs {text!r}; valid shapes: {', '.join(SHAPES)}")
-    if SHAPES[student][3] != SHAPES[teacher][3]:
+    if SHAPES[student][1] != SHAPES[teacher][1]:
         raise SystemExit(f"--pairs {text!r}: student and teacher must share one vocabulary")
     return student, teacher
 
@@ -62,11 +71,11 @@ def setup_device(args: argparse.Namespace) -> torch.device:
 
 
 def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
-    n_layer, n_embd, n_head, vocab_size, n_positions = SHAPES[shape]
+    arch, vocab_size, n_positions = SHAPES[shape]
     torch.manual_seed(seed)
     # Built on the device: a random init of GPT-2 XL takes tens of seconds on the CPU, well under one on a GPU.
     with device:
-        model = build_gpt2(Architecture(n_layer=n_layer, n_embd=n_embd, n_head=n_head), vocab_size, n_positions, EOS)
+        model = build_causal_lm(arch, vocab_size, n_positions, EOS)
     # No EOS in the generation config: `generate` then always runs max_new_tokens, like our sampler given no EOS.
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = EOS
@@ -74,9 +83,13 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype, seed: int)
 
 
 def matmul_parameters(model: torch.nn.Module) -> int:
-    """Parameters that take part in a matmul per token: all but the position embeddings (a lookup). The token
-    embedding is counted once, as the tied LM head's matmul."""
-    return count_parameters(model) - model.transformer.wpe.weight.numel()
+    """Parameters that take part in a matmul per token: all but lookups. Lookups are learned position embeddings
+    (GPT-2's, OPT's) and an untied token embedding (Llama-8B's); a tied one is counted once, as the LM head's matmul."""
+    lookups = [weight for name, weight in model.named_parameters() if name.endswith(("wpe.weight", "embed_positions.weight"))]
+    embedding = model.get_input_embeddings().weight
+    if embedding is not model.get_output_embeddings().weight:
+        lookups.append(embedding)
+    return count_parameters(model) - sum(weight.numel() for weight in lookups)
 
 
 def synchronize(device: torch.device) -> None:

@@ -111,20 +111,35 @@ class DataConfig(Strict):
         return self
 
 
+# The decoder-only families a model can be built from (pipeline/models.py: build_causal_lm). Pretrained models
+# (`name_or_path`) load through AutoModelForCausalLM and may be of any decoder-only family.
+Family = Literal["gpt2", "opt", "llama", "qwen2"]
+
+
 class Architecture(Strict):
+    family: Family = "gpt2"
     n_layer: int = Field(gt=0)
     n_embd: int = Field(gt=0)
     n_head: int = Field(gt=0)
+    # Key/value heads of grouped-query attention (Llama-2-70B, Llama-3, Qwen2): llama and qwen2 only; default n_head.
+    n_kv_head: int | None = Field(default=None, gt=0)
+    # The MLP's hidden width; default 4 * n_embd (GPT-2's and OPT's ratio; Llama-7B's is 11008 for 4096).
+    ffn_dim: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _heads_divide(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_kv_head is not None:
+            if self.family not in ("llama", "qwen2"):
+                raise ValueError(f"n_kv_head: grouped-query attention is for llama and qwen2, not {self.family}")
+            if self.n_head % self.n_kv_head:
+                raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         return self
 
 
 class ModelSpec(Strict):
-    """Either a pretrained model (`name_or_path`) or a GPT-2 architecture built from scratch (`arch`)."""
+    """Either a pretrained model (`name_or_path`) or an architecture of a `Family` built from scratch (`arch`)."""
 
     name_or_path: str | None = None
     arch: Architecture | None = None

@@ -23,19 +23,19 @@ so the batch costs as many steps as its longest response, not `max_new_tokens`. 
 batch, which keeps the random stream identical to transformers' own sampler (one multinomial per step over
 the whole batch) and avoids re-slicing every cache layer whenever a row ends.
 
-GPT-2 decoding without the framework. A tiny model's one-token forward through transformers spends most of
-its time outside arithmetic: a growing DynamicCache, a fresh 4-D causal mask per call and per model, and
-output dataclasses (benchmarks/bench_rollouts.py measures it). `GPT2Decoder` runs the same weights
-on a preallocated KV cache, with one visibility mask built per `sample` call and shared by both models.
-Other architectures, and models in training mode (dropout), go through the model's own forward with a
-transformers cache.
+Decoding without the framework. A tiny model's one-token forward through transformers spends most of its time
+outside arithmetic: a growing DynamicCache, a fresh 4-D causal mask per call and per model, and output
+dataclasses (benchmarks/bench_rollouts.py measures it). `GPT2Decoder` (GPT-2) and `LlamaDecoder` (Llama and
+Qwen2) run the same weights on a preallocated KV cache, with one visibility mask built per `sample` call and
+shared by both models. Other architectures (OPT among them), and models in training mode (dropout), go through
+the model's own forward with a transformers cache.
 """
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import Cache, GPT2LMHeadModel
+from transformers import Cache, GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 
 
 @dataclass
@@ -129,9 +129,80 @@ class GPT2Decoder:
         return self.model.lm_head(last).float(), last
 
 
-def _runs_as_gpt2_decoder(model: torch.nn.Module | None) -> bool:
-    # Cross-attention would need encoder states; training mode would need dropout.
-    return isinstance(model, GPT2LMHeadModel) and not model.training and not model.config.add_cross_attention
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # LlamaRMSNorm op for op: normalised in fp32, scaled in the model's dtype.
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return weight * (x.float() * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaDecoder:
+    """Eval-mode incremental forward of a LlamaForCausalLM or Qwen2ForCausalLM (Llama with q/k/v biases) on a
+    preallocated KV cache, as GPT2Decoder does for GPT-2: RMSNorm, rotary positions from the model's own rotary
+    module (so any rope scaling it was configured with), grouped-query attention through sdpa, SwiGLU. The cache
+    holds the key/value heads only; sdpa's enable_gqa shares each among its query heads."""
+
+    def __init__(self, model, batch_size: int, max_length: int):
+        config = model.config
+        self.model = model
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        weight = model.lm_head.weight
+        shape = (config.num_hidden_layers, batch_size, self.kv_heads, max_length, self.head_dim)
+        self.keys = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        self.values = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+        self.length = 0
+        body = model.model
+        self.norm = (body.norm.weight, body.norm.variance_epsilon)
+        self.blocks = [
+            ((b.input_layernorm.weight, b.input_layernorm.variance_epsilon),
+             *((proj.weight, proj.bias) for proj in (b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj,
+                                                     b.self_attn.o_proj)), b.self_attn.scaling,
+             (b.post_attention_layernorm.weight, b.post_attention_layernorm.variance_epsilon),
+             *((proj.weight, proj.bias) for proj in (b.mlp.gate_proj, b.mlp.up_proj, b.mlp.down_proj)), b.mlp.act_fn)
+            for b in body.layers
+        ]
+
+    def last_position(self, ids: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As GPT2Decoder.last_position."""
+        body = self.model.model
+        batch_size, width = ids.shape
+        start, end = self.length, self.length + width
+        x = body.embed_tokens(ids)
+        cos, sin = (part[:, None] for part in body.rotary_emb(x, positions))  # [B, 1, T, head_dim]
+        for layer, (norm_1, q, k, v, out, scaling, norm_2, gate, up, down, act) in enumerate(self.blocks):
+            h = _rms_norm(x, *norm_1)
+            query = F.linear(h, *q).view(batch_size, width, self.heads, self.head_dim).transpose(1, 2)
+            key = F.linear(h, *k).view(batch_size, width, self.kv_heads, self.head_dim).transpose(1, 2)
+            self.keys[layer, :, :, start:end] = key * cos + _rotate_half(key) * sin
+            self.values[layer, :, :, start:end] = F.linear(h, *v).view(batch_size, width, self.kv_heads, self.head_dim).transpose(1, 2)
+            attended = F.scaled_dot_product_attention(
+                query * cos + _rotate_half(query) * sin, self.keys[layer, :, :, :end], self.values[layer, :, :, :end],
+                attn_mask=visible, scale=scaling, enable_gqa=self.kv_heads != self.heads,
+            )
+            x = x + F.linear(attended.transpose(1, 2).reshape(batch_size, width, -1), *out)
+            h = _rms_norm(x, *norm_2)
+            x = x + F.linear(act(F.linear(h, *gate)) * F.linear(h, *up), *down)
+        self.length = end
+        last = _rms_norm(x[:, -1], *self.norm)
+        return self.model.lm_head(last).float(), last
+
+
+def fast_decoder(model: torch.nn.Module | None):
+    """Our own decoder class for this model, or None for the model's own forward with a transformers cache.
+    Training mode would need dropout; GPT-2's cross-attention encoder states, Qwen2's sliding window a windowed mask."""
+    if model is None or model.training:
+        return None
+    if isinstance(model, GPT2LMHeadModel) and not model.config.add_cross_attention:
+        return GPT2Decoder
+    if isinstance(model, LlamaForCausalLM) or (isinstance(model, Qwen2ForCausalLM) and not model.config.use_sliding_window):
+        return LlamaDecoder
+    return None
 
 
 def _token_logprobs(scaled_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -202,10 +273,11 @@ def sample(
     teacher_cache = None
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
 
-    if use_cache and _runs_as_gpt2_decoder(student) and (teacher is None or _runs_as_gpt2_decoder(teacher)):
+    student_decoder, teacher_decoder = fast_decoder(student), fast_decoder(teacher)
+    if use_cache and student_decoder is not None and (teacher is None or teacher_decoder is not None):
         max_length = prompt_length + max_new_tokens
-        student_cache = GPT2Decoder(student, batch_size, max_length)
-        teacher_cache = GPT2Decoder(teacher, batch_size, max_length) if teacher is not None else None
+        student_cache = student_decoder(student, batch_size, max_length)
+        teacher_cache = teacher_decoder(teacher, batch_size, max_length) if teacher is not None else None
         # Query i sees key j <= i unless j is a prompt pad; a pad query sees itself, so no softmax row is empty.
         index = torch.arange(max_length, device=device)
         real = torch.cat([prompt_mask.bool(), torch.ones(batch_size, max_new_tokens, dtype=torch.bool, device=device)], 1)
@@ -220,7 +292,7 @@ def sample(
         model_ids = sequence_ids[:, -1:] if feed_last_only else sequence_ids
         model_positions = position_ids[:, -1:] if feed_last_only else position_ids
 
-        if isinstance(student_cache, GPT2Decoder):
+        if isinstance(student_cache, (GPT2Decoder, LlamaDecoder)):
             end = prompt_length + step
             step_visible = visible[:, :, end - model_ids.shape[1] : end, :end]
             student_logits, _ = student_cache.last_position(model_ids, model_positions, step_visible)

@@ -1,4 +1,5 @@
-"""Teacher and student: a pretrained causal LM (`name_or_path`) or a GPT-2 built from an architecture config."""
+"""Teacher and student: a pretrained causal LM (`name_or_path`) or a GPT-2, OPT, Llama or Qwen2 decoder built from an
+architecture config."""
 
 from __future__ import annotations
 
@@ -7,7 +8,19 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from pipeline.config import HUB_REPO_ID, Architecture, ConfigError, hub_offline
 from pipeline.io import atomic_directory, verify_checksums, write_checksums
@@ -15,21 +28,50 @@ from pipeline.io import atomic_directory, verify_checksums, write_checksums
 POINTER_FILE = "pretrained.json"  # a base "checkpoint" that only names a pretrained model
 
 
-def build_gpt2(arch: Architecture, vocab_size: int, n_positions: int, eos_token_id: int) -> GPT2LMHeadModel:
-    config = GPT2Config(
+def build_causal_lm(arch: Architecture, vocab_size: int, n_positions: int, eos_token_id: int) -> PreTrainedModel:
+    """A randomly initialised decoder of `arch.family`, from that family's own config class: our widths, the
+    tokenizer's size, and EOS as BOS and pad too (spec §1). Everything else keeps the family's defaults (OPT's ReLU
+    and pre-norm, Llama's SwiGLU, RMSNorm and rotary positions, Qwen2's q/k/v biases)."""
+    special_tokens = dict(bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+    ffn_dim = arch.ffn_dim or 4 * arch.n_embd
+    if arch.family == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=n_positions,
+            n_embd=arch.n_embd,
+            n_layer=arch.n_layer,
+            n_head=arch.n_head,
+            n_inner=arch.ffn_dim,  # None: GPT-2's 4 * n_embd
+            # GPT-2's tanh-approximated GELU as one fused op: "gelu_new" computes the same function in seven
+            # elementwise ops, ~8% of a tiny model's CPU training step, more in backward.
+            activation_function="gelu_pytorch_tanh",
+            **special_tokens,
+        )
+        return GPT2LMHeadModel(config)
+    if arch.family == "opt":
+        config = OPTConfig(
+            vocab_size=vocab_size,
+            max_position_embeddings=n_positions,
+            hidden_size=arch.n_embd,
+            word_embed_proj_dim=arch.n_embd,  # OPT-350M alone projects its embeddings; the others do not
+            num_hidden_layers=arch.n_layer,
+            num_attention_heads=arch.n_head,
+            ffn_dim=ffn_dim,
+            **special_tokens,
+        )
+        return OPTForCausalLM(config)
+    config_class, model_class = (LlamaConfig, LlamaForCausalLM) if arch.family == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    config = config_class(
         vocab_size=vocab_size,
-        n_positions=n_positions,
-        n_embd=arch.n_embd,
-        n_layer=arch.n_layer,
-        n_head=arch.n_head,
-        # GPT-2's tanh-approximated GELU as one fused op: "gelu_new" computes the same function in seven
-        # elementwise ops, ~8% of a tiny model's CPU training step, more in backward.
-        activation_function="gelu_pytorch_tanh",
-        bos_token_id=eos_token_id,
-        eos_token_id=eos_token_id,
-        pad_token_id=eos_token_id,
+        max_position_embeddings=n_positions,
+        hidden_size=arch.n_embd,
+        num_hidden_layers=arch.n_layer,
+        num_attention_heads=arch.n_head,
+        num_key_value_heads=arch.n_kv_head or arch.n_head,
+        intermediate_size=ffn_dim,
+        **special_tokens,
     )
-    return GPT2LMHeadModel(config)
+    return model_class(config)
 
 
 def resolve(path: str | Path) -> str:
@@ -61,15 +103,37 @@ def _offline_kwargs(source: str) -> dict:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """The causal LM at `path`, its vocabulary cut to its tokenizer's (fit_vocabulary)."""
     source = resolve(path)
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_offline_kwargs(source))
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_offline_kwargs(source))
     except OSError as error:
         raise ConfigError(f"cannot load model '{source}': {str(error).splitlines()[0]}") from None
+    fit_vocabulary(model, len(_tokenizer(source)), source)
+    return model
+
+
+def fit_vocabulary(model, tokenizer_size: int, name: str) -> None:
+    """Cut an embedding padded past the tokenizer down to the tokenizer's tokens, in place.
+
+    Checkpoints often pad their embedding to a multiple of 64 or 128 rows that no token id reaches: Qwen2.5's
+    tokenizer has 151,665 tokens, its 0.5B-3B models 151,936 rows and its 7B+ models 152,064; OPT's has 50,265 and
+    its models 50,272. Teacher and student then share a tokenizer but not a logits width, and the rows past the
+    tokenizer still take probability mass that no text can carry. Cutting both to the tokenizer's size makes their
+    distributions range over the same real vocabulary; a model with fewer rows than its tokenizer is an error."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    if rows < tokenizer_size:
+        raise ConfigError(f"{name}: the model has {rows} vocabulary rows but its tokenizer {tokenizer_size} tokens")
+    if rows > tokenizer_size:
+        print(f"{name}: vocabulary padded to {rows} rows; restricted to the tokenizer's {tokenizer_size} tokens")
+        model.resize_token_embeddings(tokenizer_size)
 
 
 def load_tokenizer(path: str | Path):
-    source = resolve(path)
+    return _tokenizer(resolve(path))
+
+
+def _tokenizer(source: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **_offline_kwargs(source))
     except OSError as error:

@@ -13,7 +13,7 @@ import torch
 from pipeline.config import ConfigError, exit_on_user_error, load_params
 from pipeline.data import check_same_tokenizer
 from pipeline.io import atomic_write_json
-from pipeline.models import build_gpt2, count_parameters, load_tokenizer, save_checkpoint, save_pointer
+from pipeline.models import build_causal_lm, count_parameters, load_tokenizer, save_checkpoint, save_pointer
 from pipeline.pretrain import train_lm
 from pipeline.stage import training_stage
 
@@ -44,7 +44,7 @@ def main() -> None:
             print(f"{name}: pretrained model '{spec.name_or_path}', nothing to train")
             return
         blocks = torch.from_numpy(np.load(arguments.blocks).astype(np.int64))
-        model = build_gpt2(spec.arch, len(tokenizer), params.data.max_length, tokenizer.eos_token_id).to(stage.dist.device)
+        model = build_causal_lm(spec.arch, len(tokenizer), params.data.max_length, tokenizer.eos_token_id).to(stage.dist.device)
         result = train_lm(
             model=model, blocks=blocks, config=params.pretrain, engine_config=params.engine, dist=stage.dist,
             seed=params.seed, log_metrics=stage.run.log_metrics, checkpointer=stage.checkpointer, progress=name,

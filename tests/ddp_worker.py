@@ -22,7 +22,7 @@ from deepspeed.utils import safe_get_full_optimizer_state
 from pipeline import engine
 from pipeline.config import Architecture, EngineConfig, Optimizer
 from pipeline.data import TokenizedExample, TokenizedSplit, sft_batch
-from pipeline.models import build_gpt2
+from pipeline.models import build_causal_lm
 from pipeline.sft import response_token_loss_sum
 
 VOCAB_SIZE = 64
@@ -48,7 +48,7 @@ def tiny_split() -> TokenizedSplit:
 def tiny_model() -> torch.nn.Module:
     """The same weights in every process and every call; dropout off so that splitting a batch is exact."""
     torch.manual_seed(MODEL_SEED)
-    model = build_gpt2(Architecture(n_layer=1, n_embd=32, n_head=2), VOCAB_SIZE, n_positions=64, eos_token_id=0)
+    model = build_causal_lm(Architecture(n_layer=1, n_embd=32, n_head=2), VOCAB_SIZE, n_positions=64, eos_token_id=0)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0

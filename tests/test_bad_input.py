@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 
 from pipeline import data, io
 from pipeline.config import Architecture, ConfigError, exit_on_user_error
-from pipeline.models import build_gpt2, load_model, load_tokenizer, save_checkpoint, save_pointer
+from pipeline.models import build_causal_lm, load_model, load_tokenizer, save_checkpoint, save_pointer
 from stages import build_data
 from tests.test_config import REPO
 from tests.workspace import DVC_PROJECT_FILES, dvc_project, stage_command
@@ -34,7 +34,7 @@ GOOD = {"instruction": "Name a city.", "context": "", "response": "Paris is one.
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     tokenizer = data.train_bpe_tokenizer(["Name a city. Paris is one."] * 20, vocab_size=300)
-    model = build_gpt2(Architecture(n_layer=1, n_embd=8, n_head=2), len(tokenizer), 32, tokenizer.eos_token_id)
+    model = build_causal_lm(Architecture(n_layer=1, n_embd=8, n_head=2), len(tokenizer), 32, tokenizer.eos_token_id)
     path = tmp_path_factory.mktemp("ckpt") / "sft"
     save_checkpoint(model, tokenizer, path)
     return path

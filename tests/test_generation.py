@@ -6,7 +6,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from pipeline.generation import Rollout, decode_responses, left_pad, sample
+from pipeline.config import Architecture
+from pipeline.generation import GPT2Decoder, LlamaDecoder, Rollout, decode_responses, fast_decoder, left_pad, sample
+from pipeline.models import build_causal_lm
 
 VOCAB_SIZE = 50
 EOS = 0
@@ -119,10 +121,16 @@ def test_cached_equals_uncached(with_teacher: bool, teacher_mix: float) -> None:
         assert cached.teacher_logprobs is None
 
 
-def test_gpt2_decoder_equals_transformers_cached_forward() -> None:
-    """GPT2Decoder (eval mode) against the model's own forward with a transformers cache (training mode, which
-    the sampler routes through transformers; dropout is 0 in tiny_gpt2, so the two compute the same function)."""
-    student, teacher = tiny_gpt2(seed=1, eos_bias=2.0), tiny_gpt2(seed=2, eos_bias=2.0)
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
+def test_our_decoders_equal_transformers_cached_forward(family: str) -> None:
+    """GPT2Decoder and LlamaDecoder (eval mode) against the model's own forward with a transformers cache (training
+    mode, which the sampler routes through transformers; dropout is 0 in these tiny models, so the two compute the
+    same function). Llama with grouped-query attention, Qwen2 with its q/k/v biases."""
+    if family == "gpt2":
+        student, teacher = tiny_gpt2(seed=1, eos_bias=2.0), tiny_gpt2(seed=2, eos_bias=2.0)
+    else:
+        student, teacher = tiny_of_family(family, 1), tiny_of_family(family, 2)
+    assert fast_decoder(student) is (GPT2Decoder if family == "gpt2" else LlamaDecoder)
     prompt_ids, prompt_mask = left_pad(PROMPTS, EOS)
     rollouts = []
     for training in (False, True):
@@ -138,25 +146,49 @@ def test_gpt2_decoder_equals_transformers_cached_forward() -> None:
     assert torch.equal(decoder.from_teacher, framework.from_teacher)
     torch.testing.assert_close(decoder.student_logprobs, framework.student_logprobs, atol=1e-5, rtol=0)
     torch.testing.assert_close(decoder.teacher_logprobs, framework.teacher_logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(decoder.teacher_hidden, framework.teacher_hidden, atol=1e-5, rtol=0)
 
 
-def test_other_architectures_sample_through_a_transformers_cache() -> None:
-    """A non-GPT-2 causal LM (a tiny Llama) takes the transformers-cache path: cached equals uncached."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_of_family(family: str, seed: int) -> torch.nn.Module:
+    """A random 2-layer OPT, Llama (grouped-query: 4 heads, 2 key/value heads) or Qwen2 (q/k/v biases, tied
+    embeddings), built by the pipeline's own builder, its matrices redrawn with std 0.2 for the reason tiny_gpt2 gives."""
+    torch.manual_seed(seed)
+    arch = Architecture(family=family, n_layer=2, n_embd=32, n_head=4, n_kv_head=2 if family != "opt" else None)
+    model = build_causal_lm(arch, VOCAB_SIZE, 64, EOS)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.normal_(0.0, 0.2)
+    return model.eval()
 
-    torch.manual_seed(3)
-    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         eos_token_id=EOS, bos_token_id=EOS, initializer_range=0.2)
-    model = LlamaForCausalLM(config).eval()
+
+@pytest.mark.parametrize("family", ["opt", "llama", "qwen2"])
+def test_other_architectures_cached_sampling_equals_uncached_and_generate(family: str) -> None:
+    """OPT (through a transformers cache), Llama and Qwen2 (through LlamaDecoder): cached equals uncached with a
+    teacher mixed in; plain sampling equals transformers' `generate` under the same seed; and the log-probs are the
+    model's own."""
+    student, teacher = tiny_of_family(family, 3), tiny_of_family(family, 5)
     prompt_ids, prompt_mask = left_pad(PROMPTS, EOS)
     cached, uncached = (
-        sample(model, prompt_ids, prompt_mask, max_new_tokens=12, eos_token_id=EOS, pad_token_id=EOS,
-               generator=torch.Generator().manual_seed(4), use_cache=use_cache)
+        sample(student, prompt_ids, prompt_mask, max_new_tokens=12, eos_token_id=EOS, pad_token_id=EOS,
+               generator=torch.Generator().manual_seed(4), teacher=teacher, teacher_mix=0.3, use_cache=use_cache)
         for use_cache in (True, False)
     )
     assert torch.equal(cached.response_ids, uncached.response_ids)
+    assert cached.from_teacher.any() and (~cached.from_teacher & cached.response_mask.bool()).any()
     torch.testing.assert_close(cached.student_logprobs, uncached.student_logprobs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(cached.teacher_logprobs, uncached.teacher_logprobs, atol=1e-4, rtol=0)
+    rescored = teacher_forced_logprobs(teacher, cached) * cached.response_mask
+    torch.testing.assert_close(cached.teacher_logprobs, rescored, atol=1e-4, rtol=0)
+
+    torch.manual_seed(9)
+    with torch.no_grad():
+        generated = student.generate(prompt_ids, attention_mask=prompt_mask, do_sample=True, top_k=0, top_p=1.0,
+                                     max_new_tokens=12, eos_token_id=EOS, pad_token_id=EOS)
+    torch.manual_seed(9)
+    ours = sample(student, prompt_ids, prompt_mask, max_new_tokens=12, eos_token_id=EOS, pad_token_id=EOS, generator=None)
+    responses = generated[:, prompt_ids.shape[1] :]
+    assert torch.equal(responses[:, : ours.response_ids.shape[1]], ours.response_ids)
 
 
 def test_cached_path_feeds_the_prompt_once_then_one_token_per_step() -> None:

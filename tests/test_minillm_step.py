@@ -11,7 +11,7 @@ from pipeline.config import Architecture, MiniLLMMethod
 from pipeline.generation import left_pad, sample
 from pipeline.minillm import make_buffer, rollout_diagnostics, surrogate_sums
 from pipeline.minillm_loss import policy_loss
-from pipeline.models import build_gpt2
+from pipeline.models import build_causal_lm
 from tests.test_config import REPO
 
 VOCAB, EOS = 40, 0
@@ -20,8 +20,8 @@ VOCAB, EOS = 40, 0
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
-    teacher = build_gpt2(Architecture(n_layer=2, n_embd=32, n_head=2), VOCAB, 64, EOS).eval()
-    student = build_gpt2(Architecture(n_layer=1, n_embd=16, n_head=2), VOCAB, 64, EOS).eval()
+    teacher = build_causal_lm(Architecture(n_layer=2, n_embd=32, n_head=2), VOCAB, 64, EOS).eval()
+    student = build_causal_lm(Architecture(n_layer=1, n_embd=16, n_head=2), VOCAB, 64, EOS).eval()
     raw = yaml.safe_load((REPO / "params.yaml").read_text())["distill"]["minillm"]
     config = MiniLLMMethod.model_validate(raw)
     prompts = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
@@ -81,7 +81,7 @@ def test_fused_surrogate_equals_the_full_logits_computation(setup, single_step):
     assert bool((rollout.prompt_mask == 0).any()), "the prompts must be left-padded for this test to mean anything"
     config = config.model_copy(update={"single_step": single_step})
     # A step of SGD first, so that q_theta != q_old: ratios move off 1 and some tokens are clipped.
-    student = build_gpt2(Architecture(n_layer=1, n_embd=16, n_head=2), VOCAB, 64, EOS).eval()
+    student = build_causal_lm(Architecture(n_layer=1, n_embd=16, n_head=2), VOCAB, 64, EOS).eval()
     student.load_state_dict(setup[1].state_dict())
     buffer = make_buffer(rollout, config)
     with torch.no_grad():
@@ -109,7 +109,7 @@ def test_fused_surrogate_equals_the_full_logits_computation(setup, single_step):
 
 def test_a_head_with_a_bias_is_an_error(setup):
     teacher, student, config, rollout = setup
-    student = build_gpt2(Architecture(n_layer=1, n_embd=16, n_head=2), VOCAB, 64, EOS).eval()
+    student = build_causal_lm(Architecture(n_layer=1, n_embd=16, n_head=2), VOCAB, 64, EOS).eval()
     student.lm_head = torch.nn.Linear(16, VOCAB, bias=True)
     with pytest.raises(ValueError, match="bias"):
         surrogate_sums(student, teacher, make_buffer(rollout, config), torch.arange(2), config)
@@ -117,7 +117,7 @@ def test_a_head_with_a_bias_is_an_error(setup):
 
 def test_one_update_decreases_the_surrogate_on_its_batch(setup):
     teacher, student, config, rollout = setup
-    student = build_gpt2(Architecture(n_layer=1, n_embd=16, n_head=2), VOCAB, 64, EOS).eval()
+    student = build_causal_lm(Architecture(n_layer=1, n_embd=16, n_head=2), VOCAB, 64, EOS).eval()
     student.load_state_dict(setup[1].state_dict())
     buffer = make_buffer(rollout, config)
     assert not buffer.advantages.requires_grad and not buffer.weights.requires_grad
@@ -160,13 +160,13 @@ def test_a_deepspeed_engine_student_gets_the_plain_models_gradients(setup):
     rows = torch.arange(len(buffer))
     engine_config = EngineConfig(num_procs=1, launcher="torchrun", device="cpu", precision="fp32", zero_stage=0)
     engine.setup(engine_config)
-    wrapped = build_gpt2(Architecture(n_layer=1, n_embd=16, n_head=2), VOCAB, 64, EOS).eval()
+    wrapped = build_causal_lm(Architecture(n_layer=1, n_embd=16, n_head=2), VOCAB, 64, EOS).eval()
     wrapped.load_state_dict(student.state_dict())
     model_engine = engine.initialize(wrapped, config.optimizer, 1, len(buffer), 1, engine_config)
     assert isinstance(model_engine, DeepSpeedEngine)
     sums = surrogate_sums(model_engine, teacher, buffer, rows, config)
     model_engine.backward(sums["single"] + sums["long"])
-    bare = build_gpt2(Architecture(n_layer=1, n_embd=16, n_head=2), VOCAB, 64, EOS).eval()
+    bare = build_causal_lm(Architecture(n_layer=1, n_embd=16, n_head=2), VOCAB, 64, EOS).eval()
     bare.load_state_dict(student.state_dict())
     expected = surrogate_sums(bare, teacher, buffer, rows, config)
     (expected["single"] + expected["long"]).backward()

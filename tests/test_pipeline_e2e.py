@@ -86,6 +86,12 @@ def test_every_stage_ran_and_the_report_has_every_method(pipeline):
         assert name in table
     metrics = json.loads((workdir / "metrics" / "eval" / f"minillm-tiny-seed{TRAIN_SEED}.json").read_text())
     assert set(metrics["sets"]["dollyeval"]["per_seed"]) == {str(s) for s in params["evaluate"]["seeds"]}
+    # Each model is of its family (tests/micro_params.yaml), from its base to its distilled student.
+    seed_dir = f"seed{TRAIN_SEED}"
+    for model_dir, family in (("teacher/sft", "llama"), (f"tiny/{seed_dir}/minillm/model", "gpt2"),
+                              (f"tiny2/{seed_dir}/minillm/model", "qwen2"), (f"tiny2/{seed_dir}/gkd/model", "qwen2")):
+        config = json.loads((workdir / "models" / model_dir / "config.json").read_text())
+        assert config["model_type"] == family, model_dir
     rollouts = sorted((workdir / "models" / "tiny2" / f"seed{TRAIN_SEED}" / "minillm" / "rollouts").glob("round_*.pt"))
     assert rollouts, "MiniLLM rollout buffers are saved"
     # The compute-matched table: every method and student; each run's row says what its metrics file says it kept.
@@ -232,7 +238,7 @@ def test_two_queued_experiments_run_at_once_and_share_the_mlflow_store(pipeline)
 
 
 def test_removed_students_and_seeds_leave_nothing_stale_and_a_killed_repro_resumes(pipeline):
-    """Issue 15. Drop student tiny2 and replace training seed 1234 by 7, with DVC's cache emptied so that nothing can
+    """Issue 15. Drop student tiny2, make tiny an OPT and replace training seed 1234 by 7, with DVC's cache emptied so that nothing can
     be restored from its run-cache. kill -9 the whole `dvc repro` inside MiniLLM's training; the rerun completes, and
     what it resumed equals an uninterrupted recomputation (`dvc repro --force --downstream` of the killed stage).
     The report then holds only the current stages' results, and dvc.lock only their entries."""
@@ -242,6 +248,9 @@ def test_removed_students_and_seeds_leave_nothing_stale_and_a_killed_repro_resum
     run(["git", "checkout", "params.yaml"], workdir, env)
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     params["models"]["students"] = {"tiny": params["models"]["students"]["tiny"]}
+    # tiny becomes an OPT: with the Llama teacher and the Qwen2 tiny2 of the first repro, a fourth family runs every
+    # stage, a kill and a resume included.
+    params["models"]["students"]["tiny"]["arch"]["family"] = "opt"
     params["train_seeds"] = [7]
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     shutil.rmtree(workdir / ".dvc" / "cache", ignore_errors=True)
@@ -272,6 +281,9 @@ def test_removed_students_and_seeds_leave_nothing_stale_and_a_killed_repro_resum
     assert sorted(p.name for p in (workdir / "metrics" / "eval").iterdir()) == sorted(
         ["teacher.json"] + [f"{m}-tiny-seed7.json" for m in METHODS - {"teacher"}])
     assert not (workdir / "models" / "tiny2").exists() and not (workdir / "models" / "tiny" / "seed1234").exists()
+    for method in ("sft_long", "kd", "seqkd", "minillm", "gkd", "distillm", "opd"):
+        config = json.loads((workdir / "models" / "tiny" / "seed7" / method / "model" / "config.json").read_text())
+        assert config["model_type"] == "opt", method
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     experiment_id = client.get_experiment_by_name("minillm-distillation").experiment_id
     assert client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'") == []

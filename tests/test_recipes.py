@@ -29,7 +29,7 @@ from pipeline.distillm import train_distillm
 from pipeline.evaluation import evaluate_rouge_l
 from pipeline.gkd import train_gkd
 from pipeline.minillm import train_minillm
-from pipeline.models import build_gpt2
+from pipeline.models import build_causal_lm
 from pipeline.pretrain import train_lm
 from pipeline.sft import train_sft
 
@@ -52,8 +52,8 @@ def world():
     engine_config = EngineConfig(num_procs=1, launcher="torchrun", device="cpu", precision="fp32", zero_stage=0)
     dist = engine.setup(engine_config)
     torch.manual_seed(0)
-    teacher = build_gpt2(Architecture(n_layer=1, n_embd=32, n_head=2), len(tokenizer), 192, tokenizer.eos_token_id)
-    student = build_gpt2(Architecture(n_layer=1, n_embd=16, n_head=2), len(tokenizer), 192, tokenizer.eos_token_id)
+    teacher = build_causal_lm(Architecture(n_layer=1, n_embd=32, n_head=2), len(tokenizer), 192, tokenizer.eos_token_id)
+    student = build_causal_lm(Architecture(n_layer=1, n_embd=16, n_head=2), len(tokenizer), 192, tokenizer.eos_token_id)
     blocks = torch.from_numpy(data.pack_pretrain_blocks(tokenizer, texts, 32).astype("int64"))
     return {"tokenizer": tokenizer, "train": train_split, "valid": valid_split, "records": valid_records,
             "engine": engine_config, "dist": dist, "teacher": teacher.eval().requires_grad_(False), "student": student,
@@ -362,3 +362,43 @@ def test_minillm_and_gkd_keep_their_checkpoint_within_the_budget_across_a_resume
     assert comparable(resumed) == comparable(reference)
     check_kept_within_budget(reference, reference.best_state)
     assert reference.budget.exceeded_at_step > 0
+
+
+@pytest.mark.parametrize(("teacher_family", "student_family"), [("llama", "qwen2"), ("qwen2", "opt"), ("opt", "llama")])
+def test_minillm_and_gkd_train_and_resume_on_every_family(world, tmp_path, monkeypatch, teacher_family, student_family):
+    """Teacher and student of other families than GPT-2's (each family once as teacher and once as student): MiniLLM,
+    with its PT loss, and GKD train through the transformers-cache sampler and the fused LM-head losses, and a run
+    interrupted at step 4 resumes to the uninterrupted run's result."""
+    monkeypatch.chdir(tmp_path)
+    tokenizer = world["tokenizer"]
+    torch.manual_seed(0)
+    teacher = build_causal_lm(Architecture(family=teacher_family, n_layer=1, n_embd=32, n_head=4), len(tokenizer), 192,
+                              tokenizer.eos_token_id).eval().requires_grad_(False)
+    student = build_causal_lm(Architecture(family=student_family, n_layer=1, n_embd=16, n_head=2), len(tokenizer), 192,
+                              tokenizer.eos_token_id)
+    config = MiniLLMMethod.model_validate(MINILLM)
+
+    def fresh_minillm():
+        rollouts = tmp_path / "rollouts"
+        rollouts.mkdir(exist_ok=True)
+        return dict(student=copy.deepcopy(student), teacher=teacher, tokenizer=tokenizer,
+                    train_prompts=world["train"].prompts(), pt_blocks=world["blocks"], valid_records=world["records"],
+                    config=config, seed=3, rollout_dir=rollouts)
+
+    reference, resumed = uninterrupted_and_resumed(train_minillm, world, "minillm_family", 4, fresh_minillm)
+    assert comparable(resumed) == comparable(reference)
+    assert len(reference.train_curve) == 10 and reference.generated_tokens > 0
+    assert all(math.isfinite(point["loss_total"]) and 0 < point["train_grad_norm"] < math.inf
+               for point in reference.train_curve)
+
+    gkd = GKDMethod(**STUDENT_DATA, on_policy_fraction=0.5, beta=0.5, temperature=0.9, loss_temperature=1.0, seq_kd=False)
+
+    def fresh_gkd():
+        return dict(student=copy.deepcopy(student), teacher=teacher, tokenizer=tokenizer, train_split=world["train"],
+                    valid_split=world["valid"], valid_records=world["records"], config=gkd, seed=5)
+
+    reference, resumed = uninterrupted_and_resumed(train_gkd, world, "gkd_family", 4, fresh_gkd)
+    assert comparable(resumed) == comparable(reference)
+    assert reference.student_batches > 0
+    assert all(math.isfinite(point["loss_divergence"]) and 0 < point["train_grad_norm"] < math.inf
+               for point in reference.train_curve)

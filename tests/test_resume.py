@@ -252,12 +252,12 @@ def test_max_nonfinite_skips_skips_the_bad_step(workspace, monkeypatch):
 def test_a_non_finite_gradient_leaves_weights_optimizer_and_schedule_untouched():
     """engine.FiniteStepAdamW under DeepSpeed (ZeRO 0): the skipped step is a no-op, the next one is a real step."""
     from pipeline.config import Architecture
-    from pipeline.models import build_gpt2
+    from pipeline.models import build_causal_lm
 
     config = EngineConfig(num_procs=1, launcher="torchrun", device="cpu", precision="fp32", zero_stage=0)
     engine.setup(config)
     torch.manual_seed(0)
-    model = build_gpt2(Architecture(n_layer=1, n_embd=16, n_head=2), 50, 32, 0).eval()
+    model = build_causal_lm(Architecture(n_layer=1, n_embd=16, n_head=2), 50, 32, 0).eval()
     optimizer = Optimizer(lr=1e-3, min_lr=1e-4, weight_decay=0.01, grad_clip=1.0, schedule="cosine", warmup_steps=2)
     model_engine = engine.initialize(model, optimizer, 10, 2, 1, config)
     batch = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(1))
