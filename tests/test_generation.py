@@ -149,6 +149,34 @@ def test_our_decoders_equal_transformers_cached_forward(family: str) -> None:
     torch.testing.assert_close(decoder.teacher_hidden, framework.teacher_hidden, atol=1e-5, rtol=0)
 
 
+def test_llama_decoder_follows_the_models_rope_scaling() -> None:
+    """Llama-3's rope scaling (rope_type llama3) changes the rotary frequencies; LlamaDecoder takes its cos/sin from
+    the model's own rotary module, so it still equals the transformers forward (as in the test above)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, eos_token_id=EOS,
+                         bos_token_id=EOS, rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                            "original_max_position_embeddings": 16})
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() == 2:
+                weight.normal_(0.0, 0.2)
+    assert model.model.rotary_emb.rope_type == "llama3" and fast_decoder(model.eval()) is LlamaDecoder
+    prompt_ids, prompt_mask = left_pad(PROMPTS, EOS)
+    rollouts = []
+    for training in (False, True):
+        model.train(training)
+        rollouts.append(sample(model, prompt_ids, prompt_mask, max_new_tokens=20, eos_token_id=EOS, pad_token_id=EOS,
+                               generator=torch.Generator().manual_seed(5)))
+    decoder, framework = rollouts
+    assert torch.equal(decoder.response_ids, framework.response_ids)
+    torch.testing.assert_close(decoder.student_logprobs, framework.student_logprobs, atol=1e-5, rtol=0)
+
+
 def tiny_of_family(family: str, seed: int) -> torch.nn.Module:
     """A random 2-layer OPT, Llama (grouped-query: 4 heads, 2 key/value heads) or Qwen2 (q/k/v biases, tied
     embeddings), built by the pipeline's own builder, its matrices redrawn with std 0.2 for the reason tiny_gpt2 gives."""
