@@ -200,13 +200,36 @@ class Models(Strict):
         return self
 
 
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class LoRA(Strict):
+    """Low-rank adapters (peft) on every fine-tuning stage's model: teacher SFT, the student init and each distillation
+    method; from-scratch pre-training trains every weight. Only the adapters train, and each saved model has them
+    merged into the weights they adapt: a plain checkpoint of its family (pipeline/models.py: add_lora)."""
+
+    r: int = Field(gt=0)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    # Module names as peft matches them (the last part of a module's path): q_proj, v_proj (Llama, Qwen2, OPT),
+    # c_attn (GPT-2). Never the LM head: the fused losses read its weight.
+    target_modules: list[str] = Field(min_length=1)
+
+
 class EngineConfig(Strict):
     num_procs: int = Field(ge=1)  # data-parallel processes; >1 relaunches the stage under torchrun
     launcher: Literal["torchrun", "deepspeed"]
     device: Literal["cpu", "cuda"]
-    precision: Literal["fp32", "bf16", "fp16"]
+    precision: Precision  # the trained model's; DeepSpeed keeps fp32 master weights under bf16 and fp16
     # ZeRO-3 partitions the parameters themselves; checkpoint saving here reads whole state dicts, so 0-2 only.
     zero_stage: int = Field(ge=0, le=2)
+    # The frozen teacher's weights, independent of `precision`: the official OPT and LLaMA scripts load their 13B
+    # teachers in fp16 (half the memory of bf16 training's fp32 master copy, a quarter of fp32).
+    teacher_precision: Precision = "fp32"
+    # Recompute each layer's activations in backward instead of keeping them: activation memory of one layer for
+    # about one more forward per step (the official OPT and LLaMA scripts turn it on).
+    gradient_checkpointing: bool = False
+    lora: LoRA | None = None
 
     @model_validator(mode="after")
     def _cpu_is_fp32(self):

@@ -111,8 +111,15 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def dtype_of(engine: EngineConfig) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[engine.precision]
+    return DTYPES[engine.precision]
+
+
+def teacher_dtype_of(engine: EngineConfig) -> torch.dtype:
+    return DTYPES[engine.teacher_precision]
 
 
 class FiniteStepAdamW(torch.optim.AdamW):
@@ -137,6 +144,8 @@ def build_optimizer(model: torch.nn.Module, optimizer: Optimizer) -> FiniteStepA
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": optimizer.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # DeepSpeed drops an empty group (LoRA's adapters are all 2-D), which the LR schedule's group count must match.
+    groups = [group for group in groups if group["params"]]
     return FiniteStepAdamW(groups, lr=optimizer.lr, betas=optimizer.betas)
 
 
@@ -165,9 +174,15 @@ def accumulation_steps(global_batch: int, micro_batch: int, world_size: int, key
 
 
 def initialize(model, optimizer: Optimizer, total_steps: int, micro_batch: int, grad_accum: int, engine: EngineConfig):
-    """Wrap the model in a DeepSpeed engine with our AdamW and schedule; ZeRO stage and precision from params."""
+    """Wrap the model in a DeepSpeed engine with our AdamW and schedule; ZeRO stage, precision and gradient
+    checkpointing from params. AdamW takes the parameters that require gradients: the adapters alone under LoRA."""
     import deepspeed
 
+    if engine.gradient_checkpointing:
+        # Non-reentrant: it needs no input that requires grad (LoRA's frozen embeddings give none) and is what
+        # torch recommends; transformers applies it to each decoder layer, in training mode only (its
+        # gradient_checkpointing_enable is a deprecated alias).
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     torch_optimizer = build_optimizer(model, optimizer)
     schedule = build_schedule(torch_optimizer, optimizer, total_steps)
     config = {

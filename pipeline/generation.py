@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Cache, GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 
+from pipeline.models import has_adapters
+
 
 @dataclass
 class Rollout:
@@ -195,8 +197,9 @@ class LlamaDecoder:
 
 def fast_decoder(model: torch.nn.Module | None):
     """Our own decoder class for this model, or None for the model's own forward with a transformers cache.
-    Training mode would need dropout; GPT-2's cross-attention encoder states, Qwen2's sliding window a windowed mask."""
-    if model is None or model.training:
+    Training mode would need dropout; GPT-2's cross-attention encoder states, Qwen2's sliding window a windowed mask;
+    LoRA layers their adapters, which our decoders' direct weight reads would skip."""
+    if model is None or model.training or has_adapters(model):
         return None
     if isinstance(model, GPT2LMHeadModel) and not model.config.add_cross_attention:
         return GPT2Decoder

@@ -39,6 +39,7 @@ from pipeline.evaluation import score_records
 from pipeline.generation import Rollout, decode_responses, left_pad, sample
 from pipeline.hidden_states import FUSED_CHUNK, lm_head_weight, response_hidden_and_head
 from pipeline.minillm_loss import advantages, importance_weights, per_token_rewards, policy_loss, whiten_padded
+from pipeline.models import add_lora
 from pipeline.sft import cpu_state
 
 
@@ -273,6 +274,7 @@ def train_minillm(
     grad_accum = engine.accumulation_steps(config.batch_size, config.micro_batch_size, world, "distill.minillm")
     local_batch = config.batch_size // world
     batches_per_epoch = config.rollouts_per_round // config.batch_size  # a whole number (pipeline/config.py)
+    add_lora(student, engine_config.lora)  # engine.lora: only adapters train
     model_engine = engine.initialize(student, config.optimizer, config.steps, config.micro_batch_size, grad_accum, engine_config)
     teacher.eval()
     # Dropout stays off throughout: the PPO ratio q_theta / q_old must be exactly 1 before the first update.

@@ -3,8 +3,10 @@ architecture config."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -22,7 +24,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from pipeline.config import HUB_REPO_ID, Architecture, ConfigError, hub_offline
+from pipeline.config import HUB_REPO_ID, Architecture, ConfigError, LoRA, hub_offline
 from pipeline.io import atomic_directory, verify_checksums, write_checksums
 
 POINTER_FILE = "pretrained.json"  # a base "checkpoint" that only names a pretrained model
@@ -105,8 +107,13 @@ def _offline_kwargs(source: str) -> dict:
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     """The causal LM at `path`, its vocabulary cut to its tokenizer's (fit_vocabulary)."""
     source = resolve(path)
+    offline = _offline_kwargs(source)
+    # With peft installed, AutoModelForCausalLM first looks for an adapter_config.json, and that lookup (transformers
+    # 5.24) takes local_files_only from adapter_kwargs only: without it an offline load retried the Hub for ~25 s.
+    if offline:
+        offline["adapter_kwargs"] = dict(offline)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **_offline_kwargs(source))
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **offline)
     except OSError as error:
         raise ConfigError(f"cannot load model '{source}': {str(error).splitlines()[0]}") from None
     fit_vocabulary(model, len(_tokenizer(source)), source)
@@ -143,7 +150,50 @@ def _tokenizer(source: str):
     return tokenizer
 
 
+def add_lora(model, lora: LoRA | None) -> None:
+    """Inject LoRA adapters into `model`'s `lora.target_modules`, in place, and freeze every other weight; no-op for
+    None. The model keeps its class, so the recipes, the fused losses and the checkpointer run unchanged on it."""
+    if lora is None:
+        return
+    from peft import LoraConfig, inject_adapter_in_model
+
+    # GPT-2's Conv1D layers store their weight transposed (fan_in_fan_out); peft would detect it, with a warning.
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                        fan_in_fan_out=model.config.model_type == "gpt2")
+    try:
+        inject_adapter_in_model(config, model)
+    except ValueError as error:  # peft: no module of that name
+        raise ConfigError(f"engine.lora.target_modules: {str(error).splitlines()[0]}") from None
+    if has_adapters(model.get_output_embeddings()):
+        raise ConfigError("engine.lora.target_modules: the LM head cannot take an adapter (the fused losses read its weight)")
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(".lora_" in name)
+
+
+def has_adapters(model: torch.nn.Module) -> bool:
+    """Whether `model` holds LoRA layers. Our decoders (pipeline/generation.py) read weights directly, which would skip
+    the adapters; peft is imported only by add_lora, so without it no model has them."""
+    peft_lora = sys.modules.get("peft.tuners.lora")
+    return peft_lora is not None and any(isinstance(module, peft_lora.LoraLayer) for module in model.modules())
+
+
+def merged(model):
+    """`model`, or a copy with each LoRA adapter merged into the weight it adapts and its layer put back to that weight's
+    plain module: the model a plain checkpoint of its family holds (W + B A alpha / r)."""
+    if not has_adapters(model):
+        return model
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, sys.modules["peft.tuners.lora"].LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+    return model
+
+
 def save_checkpoint(model, tokenizer, out_dir: str | Path) -> None:
+    """A Hugging Face directory with checksums; a LoRA model is saved merged (`merged`), loadable as its family."""
+    model = merged(model)
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -28,6 +28,7 @@ from pipeline.config import ConfigError, EngineConfig, SFTStage
 from pipeline.cost import BudgetCheckpoint
 from pipeline.data import TokenizedSplit, sft_batch
 from pipeline.evaluation import evaluate_rouge_l
+from pipeline.models import add_lora
 
 
 @dataclass
@@ -123,6 +124,7 @@ def train_sft(
         )
     total_steps = stage.steps or stage.epochs * steps_per_epoch
     example_lengths = np.diff(train_split.offsets)
+    add_lora(model, engine_config.lora)  # engine.lora: only adapters train
     model_engine = engine.initialize(model, stage.optimizer, total_steps, stage.micro_batch_size, grad_accum, engine_config)
     pad = tokenizer.pad_token_id
     if kd is not None:

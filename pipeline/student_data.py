@@ -31,6 +31,7 @@ from pipeline.data import TokenizedSplit
 from pipeline.evaluation import evaluate_rouge_l
 from pipeline.generation import left_pad, sample
 from pipeline.hidden_states import FUSED_CHUNK, lm_head_weight, response_hidden_and_head
+from pipeline.models import add_lora
 from pipeline.sft import cpu_state, validation_loss
 
 
@@ -142,6 +143,7 @@ def train_on_student_data(
     world, device = dist.world_size, dist.device
     grad_accum = engine.accumulation_steps(config.batch_size, config.micro_batch_size, world, stage_key)
     local_batch = config.batch_size // world
+    add_lora(student, engine_config.lora)  # engine.lora: only adapters train
     model_engine = engine.initialize(student, config.optimizer, config.steps, config.micro_batch_size, grad_accum, engine_config)
     teacher.eval()
     student.eval()

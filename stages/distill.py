@@ -31,9 +31,8 @@ def main() -> None:
     with training_stage(name, params, seed, tags) as stage:
         dist = stage.dist
         inputs = load_sft_inputs(arguments)
-        dtype = engine.dtype_of(params.engine)
-        teacher = load_model(arguments.teacher, dtype).to(dist.device).requires_grad_(False)
-        student = load_model(arguments.start, dtype).to(dist.device)
+        teacher = load_model(arguments.teacher, engine.teacher_dtype_of(params.engine)).to(dist.device).requires_grad_(False)
+        student = load_model(arguments.start, engine.dtype_of(params.engine)).to(dist.device)
         kd = KDTerm(teacher=teacher, ratio=kd_ratio, divergence=divergence, beta=params.distill.kd.beta,
                     alpha=params.distill.kd.alpha) if kd_ratio > 0 else None
         budget = budget_checkpoint(arguments, params, student, teacher)

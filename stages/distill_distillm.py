@@ -27,9 +27,8 @@ def main() -> None:
     with training_stage(name, params, seed, tags) as stage:
         dist = stage.dist
         inputs = load_sft_inputs(arguments)
-        dtype = engine.dtype_of(params.engine)
-        teacher = load_model(arguments.teacher, dtype).to(dist.device).requires_grad_(False)
-        student = load_model(arguments.start, dtype).to(dist.device)
+        teacher = load_model(arguments.teacher, engine.teacher_dtype_of(params.engine)).to(dist.device).requires_grad_(False)
+        student = load_model(arguments.start, engine.dtype_of(params.engine)).to(dist.device)
         budget = budget_checkpoint(arguments, params, student, teacher)
         # --out holds model/; only the main rank writes, and it appears whole only when training succeeded.
         with atomic_directory(arguments.out) if dist.is_main else contextlib.nullcontext() as out:

@@ -31,9 +31,8 @@ def main() -> None:
         dist = stage.dist
         inputs = load_sft_inputs(arguments)
         fixed = TokenizedSplit.load(arguments.teacher_samples) if config.seq_kd else inputs.train_split
-        dtype = engine.dtype_of(params.engine)
-        teacher = load_model(arguments.teacher, dtype).to(dist.device).requires_grad_(False)
-        student = load_model(arguments.start, dtype).to(dist.device)
+        teacher = load_model(arguments.teacher, engine.teacher_dtype_of(params.engine)).to(dist.device).requires_grad_(False)
+        student = load_model(arguments.start, engine.dtype_of(params.engine)).to(dist.device)
         budget = budget_checkpoint(arguments, params, student, teacher)
         # --out holds model/; only the main rank writes, and it appears whole only when training succeeded.
         with atomic_directory(arguments.out) if dist.is_main else contextlib.nullcontext() as out:

@@ -65,8 +65,7 @@ def main() -> None:
         tags["checkpoint"] = "at_budget"
     with StageRun(stage, declaration(stage).params, tags=tags) as run:
         tokenizer = load_tokenizer(arguments.tokenizer)
-        dtype = engine.dtype_of(params.engine)
-        model = load_model(arguments.model, dtype).to(device)
+        model = load_model(arguments.model, engine.dtype_of(params.engine)).to(device)
         set_files = {set_name: Path(arguments.eval_sets) / f"{set_name}.jsonl" for set_name in EVAL_SETS}
         sets = [set_name for set_name, path in set_files.items() if path.is_file()]
         metrics = {"method": method, "student": label, "train_seed": train_seed, "sets": {}}
@@ -90,7 +89,7 @@ def main() -> None:
                       f"ECE {summary['ece']:.3f}, distinct-4 {summary['distinct_4']:.3f}, {summary['response_words']:.1f} words")
             exposure_set = eval_metrics.EXPOSURE_BIAS_SET
             if method != "teacher" and not arguments.at_budget and exposure_set in sets:
-                teacher = load_model(arguments.teacher, dtype).to(device)
+                teacher = load_model(arguments.teacher, engine.teacher_dtype_of(params.engine)).to(device)
                 records = read_jsonl(set_files[exposure_set])[: eval_metrics.EXPOSURE_BIAS_PROMPTS]
                 exposure = eval_metrics.exposure_bias(
                     model, teacher, tokenizer, records, seed=config.seeds[0], max_new_tokens=config.max_new_tokens,

@@ -36,7 +36,7 @@ def main() -> None:
     device = torch.device(params.engine.device)
     with StageRun("teacher_generate", declaration("teacher_generate").params) as run:
         tokenizer = load_tokenizer(arguments.tokenizer)
-        teacher = load_model(arguments.teacher, engine.dtype_of(params.engine)).to(device)
+        teacher = load_model(arguments.teacher, engine.teacher_dtype_of(params.engine)).to(device)
         records = read_jsonl(arguments.prompts)
         prompts = [build_prompt(r["instruction"], r["context"]) for r in records]
         started = time.perf_counter()

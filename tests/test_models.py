@@ -108,3 +108,85 @@ def test_a_model_with_fewer_rows_than_its_tokenizer_is_an_error_naming_it() -> N
     model = padded_qwen2(rows=30, seed=0)
     with pytest.raises(ConfigError, match="^some/dir: the model has 30 vocabulary rows but its tokenizer 50 tokens$"):
         fit_vocabulary(model, 50, "some/dir")
+
+
+LORA_TARGETS = {"gpt2": ["c_attn"], "opt": ["q_proj", "v_proj"], "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"]}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_trains_only_adapters_and_merges_to_w_plus_scaled_ba(family, tmp_path) -> None:
+    """After add_lora only the A and B matrices require grad; `merged` gives a plain model of the family whose
+    adapted weights are W + (alpha / r) B A computed here by hand, whose logits are the adapted model's, and which
+    saves and reloads as that family with no adapter key left."""
+    from peft.tuners.lora import LoraLayer
+
+    from pipeline.config import LoRA
+    from pipeline.generation import fast_decoder
+    from pipeline.models import add_lora, has_adapters, merged
+
+    tokenizer = tiny_tokenizer()
+    model = tiny(family, vocab_size=len(tokenizer))
+    plain = {name: weight.clone() for name, weight in model.state_dict().items()}
+    add_lora(model, LoRA(r=4, alpha=8.0, dropout=0.0, target_modules=LORA_TARGETS[family]))
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    assert has_adapters(model) and fast_decoder(model) is None  # our decoders would skip the adapters
+    for parameter in model.parameters():  # B starts at 0 (the adapted model is the plain one); move it
+        if parameter.requires_grad:
+            parameter.data.normal_(0, 0.1)
+    expected = dict(plain)
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            delta = 2.0 * module.lora_B["default"].weight @ module.lora_A["default"].weight  # alpha / r = 2
+            expected[f"{name}.weight"] = plain[f"{name}.weight"] + (delta.T if family == "gpt2" else delta)  # Conv1D: [in, out]
+    ids = torch.randint(1, 50, (2, 9))
+    merged_model = merged(model)
+    assert type(merged_model) is type(tiny(family)) and not has_adapters(merged_model) and has_adapters(model)
+    merged_state = merged_model.state_dict()
+    assert set(merged_state) == set(plain)
+    for name, weight in expected.items():
+        torch.testing.assert_close(merged_state[name], weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(merged_model(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+    save_checkpoint(model, tokenizer, tmp_path / "merged")
+    reloaded = load_model(tmp_path / "merged", torch.float32).eval()
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_lora_refuses_unknown_modules_and_the_lm_head() -> None:
+    from pipeline.config import LoRA
+    from pipeline.models import add_lora
+
+    for targets, message in ((["nope"], "engine.lora.target_modules: Target modules {'nope'} not found"),
+                             (["lm_head"], "engine.lora.target_modules: the LM head cannot take an adapter")):
+        with pytest.raises(ConfigError, match=message.replace("{", r"\{").replace("}", r"\}")):
+            add_lora(tiny("llama"), LoRA(r=2, alpha=2.0, dropout=0.0, target_modules=targets))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing_recomputes_each_layer_and_gives_the_same_gradients(family) -> None:
+    """engine.gradient_checkpointing: each decoder layer's parts run twice per step (forward, then again in backward)
+    instead of once, and the gradients equal those without it (dropout included: the recompute replays its RNG state)."""
+    from pipeline import engine
+    from pipeline.config import EngineConfig, Optimizer
+
+    ids = torch.randint(1, 50, (2, 9))
+    gradients, layer_calls = {}, {}
+    for checkpointing in (False, True):
+        model = tiny(family).train()
+        config = EngineConfig(num_procs=1, launcher="torchrun", device="cpu", precision="fp32", zero_stage=0,
+                              gradient_checkpointing=checkpointing)
+        engine.setup(config)
+        optimizer = Optimizer(lr=1e-3, min_lr=0.0, weight_decay=0.0, grad_clip=1.0, schedule="constant", warmup_steps=0)
+        model_engine = engine.initialize(model, optimizer, 1, 2, 1, config)
+        calls = []  # the first decoder layer's parts (norms, attention, MLP) that run
+        first_layer = next(module for name, module in model.named_modules() if name.endswith(("layers.0", "h.0")))
+        for part in first_layer.children():
+            part.register_forward_pre_hook(lambda *_: calls.append(1))
+        torch.manual_seed(5)
+        loss = model_engine.module(ids, labels=ids).loss
+        loss.backward()
+        gradients[checkpointing] = {name: p.grad.clone() for name, p in model.named_parameters()}
+        layer_calls[checkpointing] = len(calls)
+    assert layer_calls[False] >= 4 and layer_calls[True] == 2 * layer_calls[False]
+    for name, gradient in gradients[False].items():
+        torch.testing.assert_close(gradients[True][name], gradient, atol=1e-6, rtol=1e-5)

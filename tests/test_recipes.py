@@ -402,3 +402,85 @@ def test_minillm_and_gkd_train_and_resume_on_every_family(world, tmp_path, monke
     assert reference.student_batches > 0
     assert all(math.isfinite(point["loss_divergence"]) and 0 < point["train_grad_norm"] < math.inf
                for point in reference.train_curve)
+
+
+def test_lora_minillm_changes_only_adapters_resumes_and_saves_a_merged_model_that_reloads_and_evaluates(
+        world, tmp_path, monkeypatch):
+    """engine.lora (with gradient checkpointing, as the official LLaMA LoRA script runs) on a tiny Llama student:
+    MiniLLM moves the adapters and no other weight, a run interrupted at step 4 resumes to the uninterrupted result,
+    and the saved model is a plain Llama with the adapters merged: it reloads with the trained model's logits, samples
+    through our own decoder, and evaluates."""
+    from pipeline.config import LoRA
+    from pipeline.generation import LlamaDecoder, fast_decoder
+    from pipeline.models import has_adapters, load_model, save_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    tokenizer = world["tokenizer"]
+    torch.manual_seed(0)
+    student = build_causal_lm(Architecture(family="llama", n_layer=1, n_embd=16, n_head=2), len(tokenizer), 192,
+                              tokenizer.eos_token_id)
+    start = {name: weight.clone() for name, weight in student.state_dict().items()}
+    lora = LoRA(r=4, alpha=8.0, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    lora_world = world | {"engine": world["engine"].model_copy(update={"lora": lora, "gradient_checkpointing": True})}
+    config = MiniLLMMethod.model_validate(MINILLM)
+    trained = []
+
+    def fresh():
+        rollouts = tmp_path / "rollouts"
+        rollouts.mkdir(exist_ok=True)
+        trained.append(copy.deepcopy(student))
+        return dict(student=trained[-1], teacher=world["teacher"], tokenizer=tokenizer,
+                    train_prompts=world["train"].prompts(), pt_blocks=world["blocks"], valid_records=world["records"],
+                    config=config, seed=3, rollout_dir=rollouts)
+
+    reference, resumed = uninterrupted_and_resumed(train_minillm, lora_world, "minillm_lora", 4, fresh)
+    assert comparable(resumed) == comparable(reference)
+    assert all(math.isfinite(point["loss_total"]) for point in reference.train_curve)
+    model = trained[-1].eval()
+    assert has_adapters(model)
+    after = model.state_dict()
+    adapters = [name for name in after if ".lora_" in name]
+    assert adapters and all(not torch.equal(after[name], torch.zeros_like(after[name])) for name in adapters
+                            if ".lora_B." in name)  # B starts at zero: training moved every one
+    for name, weight in after.items():
+        if ".lora_" not in name:
+            assert torch.equal(weight, start[name.replace(".base_layer", "")]), name
+
+    save_checkpoint(model, tokenizer, tmp_path / "merged")
+    reloaded = load_model(tmp_path / "merged").eval()
+    assert type(reloaded).__name__ == "LlamaForCausalLM" and not has_adapters(reloaded)
+    assert fast_decoder(reloaded) is LlamaDecoder and fast_decoder(model) is None
+    ids = torch.randint(1, len(tokenizer), (2, 12))
+    torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+    rouge_l = evaluate_rouge_l(reloaded, tokenizer, world["records"], seed=1, max_new_tokens=6, batch_size=4)
+    assert 0.0 <= rouge_l <= 100.0
+
+
+@pytest.mark.parametrize("teacher_precision", ["bf16", "fp16"])
+def test_a_half_precision_teacher_trains_minillm_and_gkd_as_its_fp32_self_does(world, tmp_path, monkeypatch,
+                                                                             teacher_precision):
+    """engine.teacher_precision: the frozen teacher in bf16 or fp16 beside an fp32 student (the official scripts' fp16
+    teacher). MiniLLM (teacher-mixed sampling, rewards, the single-step term) and GKD (teacher-scored divergence) run
+    with finite losses, and their first step's loss stays within half-precision rounding of the fp32 teacher's."""
+    monkeypatch.chdir(tmp_path)
+    half = copy.deepcopy(world["teacher"]).to(engine.DTYPES[teacher_precision])
+    first_losses = {}
+    for name, teacher in (("fp32", world["teacher"]), (teacher_precision, half)):
+        rollouts = tmp_path / f"rollouts-{name}"
+        rollouts.mkdir()
+        torch.manual_seed(1)
+        result, _ = run_recipe(train_minillm, world, f"minillm_{name}", None, student=copy.deepcopy(world["student"]),
+                               teacher=teacher, tokenizer=world["tokenizer"], train_prompts=world["train"].prompts(),
+                               pt_blocks=world["blocks"], valid_records=world["records"],
+                               config=MiniLLMMethod.model_validate(MINILLM | {"steps": 2}), seed=3, rollout_dir=rollouts)
+        assert all(math.isfinite(point["loss_total"]) for point in result.train_curve)
+        torch.manual_seed(1)
+        gkd = GKDMethod(**STUDENT_DATA | {"steps": 2}, on_policy_fraction=0.5, beta=0.5, temperature=0.9,
+                        loss_temperature=1.0, seq_kd=False)
+        gkd_result, _ = run_recipe(train_gkd, world, f"gkd_{name}", None, student=copy.deepcopy(world["student"]),
+                                   teacher=teacher, tokenizer=world["tokenizer"], train_split=world["train"],
+                                   valid_split=world["valid"], valid_records=world["records"], config=gkd, seed=5)
+        assert all(math.isfinite(point["loss_divergence"]) for point in gkd_result.train_curve)
+        first_losses[name] = (result.train_curve[0]["loss_total"], gkd_result.train_curve[0]["loss_divergence"])
+    for fp32_loss, half_loss in zip(first_losses["fp32"], first_losses[teacher_precision]):
+        assert half_loss == pytest.approx(fp32_loss, rel=0.05, abs=0.05)
