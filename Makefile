@@ -21,7 +21,8 @@ test: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(PYTHON) -m pytest -m "not paper"
 
-# The paper-scale dry run on the CPU (tests/test_paper_dryrun.py): ~10 min and ~13 GiB RAM, so not part of `make test`.
+# The paper-scale dry runs on the CPU (tests/test_paper_dryrun.py, ~37 min and ~13 GiB; tests/test_paper_dryrun_families.py,
+# ~23 min and ~18 GiB each): not part of `make test`.
 test-paper: $(INSTALLED)
 	$(PYTHON) -m pytest -m paper
 

@@ -188,3 +188,55 @@ def test_the_official_overlay_switches_on_every_official_behaviour_and_validates
     with pytest.raises(ConfigError, match=r"evaluate\.no_repeat_ngram_size: .*greater than or equal to 0"):
         overlay.main()
     assert not (tmp_path / "bad-params.yaml").exists()
+
+
+def test_the_opt_llama_and_qwen_configs_hold_the_official_scripts_values_and_validate():
+    """Spot checks against microsoft/LMOps minillm/scripts/{opt,llama}/ (the values quoted in each config's comments):
+    the per-size SFT rates, MiniLLM's schedule and batch per optimiser step, the fp16 teacher and gradient
+    checkpointing; and the LoRA overlay's adapter and SFT settings."""
+    from pipeline import overlay
+    from pipeline.config import Params
+
+    def config(name: str) -> Params:
+        return Params.model_validate(yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text()))
+
+    opt, llama, qwen = config("paper-opt"), config("paper-llama"), config("qwen")
+    for params, teacher_precision in ((opt, "fp16"), (llama, "fp16"), (qwen, "bf16")):
+        engine = params.engine
+        assert (engine.zero_stage, engine.gradient_checkpointing, engine.teacher_precision, engine.lora) == (
+            2, True, teacher_precision, None)
+        minillm = params.distill.minillm
+        assert (minillm.steps, minillm.rollouts_per_round, minillm.inner_epochs, minillm.batch_size) == (5000, 256, 4, 64)
+        assert (minillm.optimizer.lr, minillm.optimizer.warmup_steps, minillm.pt_teacher_kd_ratio) == (5e-6, 100, 0.5)
+        assert (minillm.reward_scale, minillm.reward_clip, minillm.teacher_mix) == (0.5, 100.0, 0.2)
+        assert (params.train_teacher.epochs, params.train_teacher.optimizer.lr, params.distill.kd.ratio) == (10, 1e-5, 0.5)
+        assert params.data.max_length == 512 and params.data.max_prompt_length == 256
+    assert [opt.for_student(s).init_student.optimizer.lr for s in opt.models.students] == [5e-5, 5e-5, 1e-5]
+    assert opt.for_student("6700M").distill.minillm.micro_batch_size == 4  # train_6.7B_13B.sh: 4 per GPU
+    assert (opt.distill.minillm.optimizer.schedule, llama.distill.minillm.optimizer.schedule) == ("constant", "cosine")
+    assert llama.init_student.optimizer.lr == 1e-5 and list(llama.models.students) == ["7B"]
+    assert qwen.models.teacher.name_or_path == "Qwen/Qwen2.5-7B"
+
+    lora = Params.model_validate(overlay.deep_merge(
+        yaml.safe_load((REPO / "configs" / "paper-llama.yaml").read_text()),
+        yaml.safe_load((REPO / "configs" / "paper-llama-lora.yaml").read_text())))
+    adapter = lora.engine.lora
+    assert (adapter.r, adapter.alpha, adapter.dropout, adapter.target_modules) == (8, 32.0, 0.1, ["q_proj", "v_proj"])
+    assert (lora.init_student.optimizer.lr, lora.init_student.epochs, lora.init_student.batch_size) == (5e-4, 20, 64)
+    assert lora.init_student.optimizer.schedule == "cosine"  # the rest of the optimiser stays the paper config's
+    assert lora.distill.minillm.batch_size == 256
+
+
+def test_engine_lora_and_precisions_are_validated(tmp_path):
+    from pipeline.config import Params
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for engine_keys, message in (({"teacher_precision": "fp8"}, "engine.teacher_precision"),
+                                 ({"lora": {"r": 0, "alpha": 1.0, "dropout": 0.0, "target_modules": ["q_proj"]}}, "engine.lora.r"),
+                                 ({"lora": {"r": 4, "alpha": 1.0, "dropout": 0.0, "target_modules": []}}, "engine.lora.target_modules"),
+                                 ({"lora": {"r": 4, "alpha": 1.0, "dropout": 0.0, "target": ["q_proj"]}}, "engine.lora.target")):
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(params | {"engine": params["engine"] | engine_keys}))
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+            load_params(path)
+    assert Params.model_validate(params).engine.lora is None

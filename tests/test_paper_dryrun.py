@@ -66,22 +66,23 @@ pytestmark = [pytest.mark.slow, pytest.mark.paper]
 
 
 
-def gpt2_layout_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
-    """A byte-level BPE with GPT-2's layout: 256 byte symbols, 50,000 merges, then <|endoftext|> = 50256.
+def gpt2_layout_tokenizer(texts: list[str], size: int = GPT2_VOCAB_SIZE) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with GPT-2's layout: 256 byte symbols, 50,000 merges, then <|endoftext|> = 50256 (or `size`
+    tokens in all, EOS the last, for another family's vocabulary size).
 
     The first merges are trained on `texts`, so the dry-run text splits into about as many tokens as GPT-2's own
     tokenizer would give (word pieces, not bytes); made-up merges (pairs of printable symbols, then those pairs plus
-    one more) fill the rest of the 50,257 ids."""
+    one more) fill the rest of the ids."""
     trained = Tokenizer(models.BPE())
     trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trained.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=GPT2_VOCAB_SIZE - 1, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+        vocab_size=min(size - 1, GPT2_VOCAB_SIZE - 1), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     model = json.loads(trained.to_str())["model"]
     vocab, merges = dict(model["vocab"]), [tuple(merge) for merge in model["merges"]]
     printable = sorted(c for c in pre_tokenizers.ByteLevel.alphabet() if "!" <= c <= "~" or c == "Ġ")
 
     def add(left: str, right: str) -> None:
-        if len(vocab) < GPT2_VOCAB_SIZE - 1 and left + right not in vocab:
+        if len(vocab) < size - 1 and left + right not in vocab:
             vocab[left + right] = len(vocab)
             merges.append((left, right))
 
