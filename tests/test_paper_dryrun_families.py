@@ -78,6 +78,8 @@ def save_random(model_class, config, tokenizer, out_dir: Path, layers: int, seed
     embedding rows. Built on the meta device and filled once with N(0, 0.02), norms 1, biases 0 (transformers' own
     initialisation takes tens of seconds at these widths), stored in bf16 to halve the write."""
     config.num_hidden_layers = layers
+    if isinstance(config, Qwen2Config):  # its per-layer attention types were fixed at construction, one per layer
+        config.layer_types = config.layer_types[:layers]
     config.bos_token_id = config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
     with torch.device("meta"):
         model = model_class(config)
