@@ -221,8 +221,11 @@ class EngineConfig(Strict):
     launcher: Literal["torchrun", "deepspeed"]
     device: Literal["cpu", "cuda"]
     precision: Precision  # the trained model's; DeepSpeed keeps fp32 master weights under bf16 and fp16
-    # ZeRO-3 partitions the parameters themselves; checkpoint saving here reads whole state dicts, so 0-2 only.
-    zero_stage: int = Field(ge=0, le=2)
+    # ZeRO-3 partitions the parameters themselves, the student's and (ZeRO-3 inference) the frozen teacher's:
+    # engine.initialize and engine.partition_teacher.
+    zero_stage: int = Field(ge=0, le=3)
+    # Under ZeRO-3, parameters of fewer elements stay whole on every rank (DeepSpeed's stage3_param_persistence_threshold).
+    zero3_param_persistence_threshold: int = Field(default=100_000, ge=0)
     # The frozen teacher's weights, independent of `precision`: the official OPT and LLaMA scripts load their 13B
     # teachers in fp16 (half the memory of bf16 training's fp32 master copy, a quarter of fp32).
     teacher_precision: Precision = "fp32"
@@ -230,6 +233,14 @@ class EngineConfig(Strict):
     # about one more forward per step (the official OPT and LLaMA scripts turn it on).
     gradient_checkpointing: bool = False
     lora: LoRA | None = None
+
+    @model_validator(mode="after")
+    def _no_lora_under_zero3(self):
+        if self.zero_stage == 3 and self.lora is not None:
+            # Best-model selection and the merged save build a ZeRO-3 model afresh from its trained state, which
+            # under LoRA would hold only the adapters; LoRA's frozen base is small enough for ZeRO-2 anyway.
+            raise ValueError("engine.lora: not supported with zero_stage 3; use zero_stage 2 with LoRA")
+        return self
 
     @model_validator(mode="after")
     def _cpu_is_fp32(self):

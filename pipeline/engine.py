@@ -8,6 +8,7 @@ W, so the update is sum(all token losses) / N_global: independent of how the glo
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
 import os
@@ -173,6 +174,21 @@ def accumulation_steps(global_batch: int, micro_batch: int, world_size: int, key
     return global_batch // (micro_batch * world_size)
 
 
+class ZeRO3HeadCall(torch.nn.Module):
+    """Runs `loss_of_head(W)`, W the LM-head weight, inside a forward of its own (hidden_states.with_lm_head). Under ZeRO-3 the weight is
+    partitioned across ranks outside its module's forward, and a loss that multiplies it in chunks runs outside that
+    forward. Registered with this module as an external parameter (initialize), the weight is gathered whole
+    for this forward and its gradient reduce-scattered to its shards in backward, as for any ZeRO-3 layer: the loss
+    never makes [B, T, V] logits, and the whole [V, d] weight exists only during the call."""
+
+    def __init__(self, weight: torch.nn.Parameter):
+        super().__init__()
+        self.head_weight = (weight,)  # in a tuple: the model registers it already; this module must own no parameter
+
+    def forward(self, loss_of_head):
+        return loss_of_head(self.head_weight[0])
+
+
 def initialize(model, optimizer: Optimizer, total_steps: int, micro_batch: int, grad_accum: int, engine: EngineConfig):
     """Wrap the model in a DeepSpeed engine with our AdamW and schedule; ZeRO stage, precision and gradient
     checkpointing from params. AdamW takes the parameters that require gradients: the adapters alone under LoRA."""
@@ -183,13 +199,19 @@ def initialize(model, optimizer: Optimizer, total_steps: int, micro_batch: int, 
         # torch recommends; transformers applies it to each decoder layer, in training mode only (its
         # gradient_checkpointing_enable is a deprecated alias).
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if engine.zero_stage == 3:
+        # The fused losses multiply the LM-head weight outside its module's forward, where ZeRO-3 leaves each rank
+        # only its shard: they run inside this module's forward instead, which gathers it (hidden_states.with_lm_head).
+        head_call = ZeRO3HeadCall(model.get_output_embeddings().weight)
+        model.add_module("zero3_head", head_call)
+        deepspeed.zero.register_external_parameter(head_call, model.get_output_embeddings().weight)
     torch_optimizer = build_optimizer(model, optimizer)
     schedule = build_schedule(torch_optimizer, optimizer, total_steps)
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": optimizer.grad_clip,
-        "zero_optimization": {"stage": engine.zero_stage},
+        "zero_optimization": zero_config(engine),
         "bf16": {"enabled": engine.precision == "bf16"},
         "fp16": {"enabled": engine.precision == "fp16"},
         "steps_per_print": 10**9,
@@ -199,6 +221,40 @@ def initialize(model, optimizer: Optimizer, total_steps: int, micro_batch: int, 
     }
     model_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch_optimizer, lr_scheduler=schedule, config=config)
     return model_engine
+
+
+def zero_config(engine: EngineConfig) -> dict:
+    # ZeRO-3 keeps parameters smaller than the threshold whole on every rank (DeepSpeed's default, 1e5 elements: the
+    # norms and biases), which saves their gathers; 0 partitions every parameter.
+    persistence = {"stage3_param_persistence_threshold": engine.zero3_param_persistence_threshold}
+    return {"stage": engine.zero_stage} | (persistence if engine.zero_stage == 3 else {})
+
+
+def partition_teacher(teacher: torch.nn.Module, engine: EngineConfig):
+    """The frozen teacher under ZeRO-3 inference: its parameters partitioned across ranks like the student's, each
+    layer gathered for its forward and freed after, so a teacher larger than one device's memory runs. Its LM head
+    stays whole on every rank (a [V, d] copy made before partitioning), because the fused losses read the weight
+    outside any forward (lm_head_weight), and the teacher's head needs no gradient to gather back. Below ZeRO-3 the
+    teacher is returned as it is, whole on every rank. Returns what to call as the teacher."""
+    if engine.zero_stage != 3:
+        return teacher
+    import deepspeed
+
+    head = teacher.get_output_embeddings()
+    whole_head = torch.nn.Linear(head.in_features, head.out_features, bias=False, device=head.weight.device,
+                                 dtype=head.weight.dtype).requires_grad_(False)
+    whole_head.weight.copy_(head.weight.detach())
+    config = {
+        "train_micro_batch_size_per_gpu": 1,  # required by DeepSpeed; nothing trains
+        "zero_optimization": zero_config(engine),
+        "bf16": {"enabled": engine.teacher_precision == "bf16"},
+        "fp16": {"enabled": engine.teacher_precision == "fp16"},
+        "steps_per_print": 10**9,
+    }
+    teacher_engine, _, _, _ = deepspeed.initialize(model=teacher, config=config)
+    teacher_engine.module.set_output_embeddings(whole_head)
+    teacher_engine.eval()
+    return teacher_engine
 
 
 def grad_norm_before_step(model_engine) -> float | None:
@@ -251,6 +307,33 @@ def micro_batch_indices(step_indices: np.ndarray, micro_batch: int, grad_accum: 
         start = (accumulation * dist_info.world_size + dist_info.rank) * micro_batch
         slices.append(step_indices[start : start + micro_batch])
     return slices
+
+
+def partitioned(model: torch.nn.Module | None) -> bool:
+    """Whether ZeRO-3 has partitioned `model`'s parameters across ranks (DeepSpeed gives each one a ds_id): outside
+    a forward each rank then holds only its shard, and reading a weight needs `gathered`."""
+    return model is not None and any(hasattr(parameter, "ds_id") for parameter in model.parameters())
+
+
+def gathered(parameter: torch.nn.Parameter):
+    """A context in which a ZeRO-3 parameter is whole on every rank (a collective: every rank enters it, in the same
+    order); any other parameter is whole already."""
+    if not hasattr(parameter, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([parameter])
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on at least one rank (a collective)."""
+    tensor = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
 
 
 def barrier() -> None:

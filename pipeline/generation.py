@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Cache, GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 
+from pipeline.engine import any_rank, partitioned
 from pipeline.models import has_adapters
 
 
@@ -198,8 +199,9 @@ class LlamaDecoder:
 def fast_decoder(model: torch.nn.Module | None):
     """Our own decoder class for this model, or None for the model's own forward with a transformers cache.
     Training mode would need dropout; GPT-2's cross-attention encoder states, Qwen2's sliding window a windowed mask;
-    LoRA layers their adapters, which our decoders' direct weight reads would skip."""
-    if model is None or model.training or has_adapters(model):
+    LoRA layers their adapters, which our decoders' direct weight reads would skip; ZeRO-3 partitioned weights a
+    gather around every layer, which only the model's own forward does."""
+    if model is None or model.training or has_adapters(model) or partitioned(model):
         return None
     if isinstance(model, GPT2LMHeadModel) and not model.config.add_cross_attention:
         return GPT2Decoder
@@ -275,6 +277,11 @@ def sample(
     student_cache = None
     teacher_cache = None
     finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    # Under ZeRO-3 every forward gathers weights from all ranks, so every rank must run as many as the others: a rank
+    # whose rows have all ended keeps running the forwards (on pads, drawing no random numbers and recording nothing)
+    # until every rank's rows have, and its rollout and generator end as they would have alone.
+    lockstep = partitioned(student) or partitioned(teacher)
+    done_here = False
 
     student_decoder, teacher_decoder = fast_decoder(student), fast_decoder(teacher)
     if use_cache and student_decoder is not None and (teacher is None or teacher_decoder is not None):
@@ -309,6 +316,13 @@ def sample(
                 teacher_logits, teacher_hidden, teacher_cache = _last_position(
                     teacher, model_ids, attention_mask, model_positions, teacher_cache, use_cache
                 )
+        if done_here:  # lockstep only: this rank's rows have ended, another rank's have not
+            if not any_rank(False, device):
+                break
+            sequence_ids = torch.cat([sequence_ids, torch.full_like(sequence_ids[:, -1:], pad_token_id)], dim=1)
+            attention_mask = torch.cat([attention_mask, ones_column], dim=1)
+            position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=1)
+            continue
         student_scaled = student_logits / temperature
         if teacher is not None:
             teacher_scaled = teacher_logits / temperature
@@ -338,7 +352,8 @@ def sample(
         step_from_teacher.append(from_teacher & active)
 
         finished = finished | (tokens == eos_token_id)
-        if bool(finished.all()):
+        done_here = bool(finished.all())
+        if not (any_rank(not done_here, device) if lockstep else not done_here):
             break
         sequence_ids = torch.cat([sequence_ids, tokens[:, None]], dim=1)
         attention_mask = torch.cat([attention_mask, ones_column], dim=1)

@@ -34,11 +34,18 @@ def lm_head_weight(model) -> torch.Tensor:
     return head.weight
 
 
-def response_hidden_and_head(model, rollout, indices) -> tuple[torch.Tensor, torch.Tensor]:
+def with_lm_head(model, loss_of_head):
+    """`loss_of_head(W)` with W the model's LM-head weight [V, d], gathered first where ZeRO-3 partitions it."""
+    module = unwrapped(model)
+    if hasattr(module, "zero3_head"):  # engine.ZeRO3HeadCall, attached by engine.initialize under ZeRO-3
+        return module.zero3_head(loss_of_head)
+    return loss_of_head(lm_head_weight(module))
+
+
+def response_hidden(model, rollout, indices) -> torch.Tensor:
     """Last hidden states (after the final norm) that predict each response token, [n, R, d], from one forward pass
-    of the model body over [prompt; response], and the LM-head weight [V, d] that turns them into logits. `rollout`
+    of the model body over [prompt; response]; with_lm_head gives the weight that turns them into logits. `rollout`
     is a generation.Rollout or a student_data.Sequences: left-padded prompts, right-padded responses."""
-    head = lm_head_weight(model)
     model = unwrapped(model)
     prompt_ids, prompt_mask = rollout.prompt_ids[indices], rollout.prompt_mask[indices]
     response_ids, response_mask = rollout.response_ids[indices], rollout.response_mask[indices]
@@ -48,4 +55,4 @@ def response_hidden_and_head(model, rollout, indices) -> tuple[torch.Tensor, tor
     body = model.base_model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids)
     hidden = body.last_hidden_state
     prompt_width = prompt_ids.shape[1]
-    return hidden[:, prompt_width - 1 : prompt_width - 1 + response_ids.shape[1]], head
+    return hidden[:, prompt_width - 1 : prompt_width - 1 + response_ids.shape[1]]

@@ -37,7 +37,7 @@ from pipeline.cost import BudgetCheckpoint
 from pipeline.data import build_prompt
 from pipeline.evaluation import score_records
 from pipeline.generation import Rollout, decode_responses, left_pad, sample
-from pipeline.hidden_states import FUSED_CHUNK, lm_head_weight, response_hidden_and_head
+from pipeline.hidden_states import FUSED_CHUNK, lm_head_weight, response_hidden, with_lm_head
 from pipeline.minillm_loss import advantages, importance_weights, per_token_rewards, policy_loss, whiten_padded
 from pipeline.models import add_lora
 from pipeline.sft import cpu_state
@@ -79,9 +79,10 @@ class MiniLLMResult:
 
 def state_hash(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
+        with engine.gathered(tensor):  # ZeRO-3: whole for the hash, on every rank in the same order
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -120,13 +121,13 @@ def surrogate_sums(student, teacher, buffer: RolloutBuffer, rows: torch.Tensor, 
     rollout, mask = buffer.rollout, buffer.rollout.response_mask[rows]
     weights = buffer.weights[rows]
     advantage = buffer.advantages[rows] if advantage is None else advantage
-    student_hidden, student_head = response_hidden_and_head(student, rollout, rows)
+    student_hidden = response_hidden(student, rollout, rows)
     # The teacher's hidden states come from the rollout: it is frozen, so re-running it on every inner epoch
     # would recompute what sampling already did.
-    logp_new, kl_sum, entropy_sum = losses.fused_head_reverse_kl(
+    logp_new, kl_sum, entropy_sum = with_lm_head(student, lambda student_head: losses.fused_head_reverse_kl(
         student_hidden, student_head, rollout.teacher_hidden[rows], lm_head_weight(teacher), rollout.response_ids[rows], mask,
         weights=weights if config.single_step_weighted else None, chunk_size=FUSED_CHUNK,  # None: w_t = 1
-    )
+    ))
     long_sum, clipped = policy_loss(logp_new, rollout.student_logprobs[rows], advantage, weights, mask, config.clip_eps)
     # Without the single-step term the KL is computed but left out of the loss, so it adds no gradient.
     single_sum = kl_sum if config.single_step else long_sum.new_zeros(())
@@ -276,6 +277,7 @@ def train_minillm(
     batches_per_epoch = config.rollouts_per_round // config.batch_size  # a whole number (pipeline/config.py)
     add_lora(student, engine_config.lora)  # engine.lora: only adapters train
     model_engine = engine.initialize(student, config.optimizer, config.steps, config.micro_batch_size, grad_accum, engine_config)
+    teacher = engine.partition_teacher(teacher, engine_config)
     teacher.eval()
     # Dropout stays off throughout: the PPO ratio q_theta / q_old must be exactly 1 before the first update.
     student.eval()

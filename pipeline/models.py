@@ -207,4 +207,5 @@ def save_pointer(name_or_path: str, out_dir: str | Path) -> None:
 
 
 def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    # A ZeRO-3 parameter holds only its shard; ds_numel is its whole size.
+    return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())

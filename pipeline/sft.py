@@ -12,6 +12,7 @@ measured every `eval_every` steps and at the end; the best weights by each are k
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import statistics
 import time
@@ -95,7 +96,21 @@ def validation_loss(model, split: TokenizedSplit, batch_size: int, pad_token_id:
 
 
 def cpu_state(model) -> dict:
-    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+    """CPU copies of the parameters that train (all of them, or LoRA's adapters alone): what best-model selection
+    keeps. Frozen weights never change, so copy_with_state takes them from the model itself; keeping them too would
+    hold two more copies of a LoRA model's base (a 7B base in fp32: 56 GB). Under ZeRO-3 each parameter is gathered
+    from every rank in turn (every rank calls this) and only rank 0 keeps the copies: it alone saves."""
+    state, copies = {}, {}
+    keep = not engine.partitioned(model) or engine.rank() == 0
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if not parameter.requires_grad:
+            continue
+        if id(parameter) not in copies:  # a tied weight is copied once
+            with engine.gathered(parameter):
+                copies[id(parameter)] = parameter.detach().to("cpu", copy=True) if keep else None
+        if keep:
+            state[name] = copies[id(parameter)]
+    return state
 
 
 def train_sft(
@@ -128,6 +143,7 @@ def train_sft(
     model_engine = engine.initialize(model, stage.optimizer, total_steps, stage.micro_batch_size, grad_accum, engine_config)
     pad = tokenizer.pad_token_id
     if kd is not None:
+        kd = dataclasses.replace(kd, teacher=engine.partition_teacher(kd.teacher, engine_config))
         kd.teacher.eval()
 
     result = SFTResult(best_rouge_state={}, best_loss_state={}, best_rouge_l=-math.inf, best_loss=math.inf, budget=budget)
@@ -227,8 +243,19 @@ def summarize(result: SFTResult) -> dict:
 
 
 def copy_with_state(model: torch.nn.Module, state: dict) -> torch.nn.Module:
-    selected = copy.deepcopy(model).cpu()
-    selected.load_state_dict(state)
+    """A CPU copy of `model` with the trained parameters of `state` (cpu_state) and the model's own frozen ones. A
+    ZeRO-3 model's parameters live partitioned across ranks, so its copy is built afresh from its config: every one
+    of its parameters trains (no LoRA under ZeRO-3), so `state` holds them all."""
+    if engine.partitioned(model):
+        selected = type(model)(model.config).to(next(iter(state.values())).dtype)
+        trained = {name for name, _ in selected.named_parameters(remove_duplicate=False)}
+    else:
+        selected = copy.deepcopy(model).cpu()
+        trained = {name for name, p in selected.named_parameters(remove_duplicate=False) if p.requires_grad}
+    missing, unexpected = selected.load_state_dict(state, strict=False)
+    if unexpected or trained & set(missing):
+        raise ValueError(f"a kept state does not match its model: unexpected {unexpected[:3]}, "
+                         f"missing trained {sorted(trained & set(missing))[:3]}")
     return selected
 
 

@@ -30,7 +30,7 @@ from pipeline.cost import BudgetCheckpoint
 from pipeline.data import TokenizedSplit
 from pipeline.evaluation import evaluate_rouge_l
 from pipeline.generation import left_pad, sample
-from pipeline.hidden_states import FUSED_CHUNK, lm_head_weight, response_hidden_and_head
+from pipeline.hidden_states import FUSED_CHUNK, lm_head_weight, response_hidden, with_lm_head
 from pipeline.models import add_lora
 from pipeline.sft import cpu_state, validation_loss
 
@@ -108,13 +108,13 @@ class StudentDataResult:
 def divergence_sums(model, teacher, batch: Sequences, rows: torch.Tensor, divergence: str, beta: float, alpha: float,
                     temperature: float) -> dict[str, torch.Tensor]:
     """Sum over the response tokens of `rows` of D(teacher, student), and of the diagnostics."""
-    student_hidden, student_head = response_hidden_and_head(model, batch, rows)
+    student_hidden = response_hidden(model, batch, rows)
     with torch.no_grad():
-        teacher_hidden, teacher_head = response_hidden_and_head(teacher, batch, rows)
-    return losses.fused_head_divergence(
+        teacher_hidden = response_hidden(teacher, batch, rows)
+    return with_lm_head(model, lambda student_head: losses.fused_head_divergence(
         divergence, student_hidden, student_head, teacher_hidden, lm_head_weight(teacher), batch.response_ids[rows],
         batch.response_mask[rows], beta=beta, alpha=alpha, temperature=temperature, chunk_size=FUSED_CHUNK,
-    )
+    ))
 
 
 def train_on_student_data(
@@ -145,6 +145,7 @@ def train_on_student_data(
     local_batch = config.batch_size // world
     add_lora(student, engine_config.lora)  # engine.lora: only adapters train
     model_engine = engine.initialize(student, config.optimizer, config.steps, config.micro_batch_size, grad_accum, engine_config)
+    teacher = engine.partition_teacher(teacher, engine_config)
     teacher.eval()
     student.eval()
     # Prompts are drawn identically on every rank (each then takes its own rows); samples differ per rank.

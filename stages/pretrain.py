@@ -15,6 +15,7 @@ from pipeline.data import check_same_tokenizer
 from pipeline.io import atomic_write_json
 from pipeline.models import build_causal_lm, count_parameters, load_tokenizer, save_checkpoint, save_pointer
 from pipeline.pretrain import train_lm
+from pipeline.sft import copy_with_state, cpu_state
 from pipeline.stage import training_stage
 
 
@@ -49,8 +50,9 @@ def main() -> None:
             model=model, blocks=blocks, config=params.pretrain, engine_config=params.engine, dist=stage.dist,
             seed=params.seed, log_metrics=stage.run.log_metrics, checkpointer=stage.checkpointer, progress=name,
         )
+        trained = cpu_state(model)  # every rank: ZeRO-3 gathers the parameters from all of them
         if stage.dist.is_main:
-            save_checkpoint(model, tokenizer, arguments.out)
+            save_checkpoint(copy_with_state(model, trained), tokenizer, arguments.out)
             metrics = {"skipped": 0, "steps": params.pretrain.steps, "final_loss": float(np.mean(result.losses[-20:])),
                        "parameters": count_parameters(model), "skipped_steps": result.skipped_steps,
                        "wall_time_s": result.wall_time_s}

@@ -8,7 +8,7 @@ from transformers import GPT2LMHeadModel, LlamaForCausalLM, OPTForCausalLM, Qwen
 from pipeline import data
 from pipeline.config import Architecture, ConfigError
 from pipeline.generation import left_pad, sample
-from pipeline.hidden_states import response_hidden_and_head
+from pipeline.hidden_states import response_hidden, with_lm_head
 from pipeline.models import build_causal_lm, fit_vocabulary, load_model, load_tokenizer, save_checkpoint
 
 FAMILIES = ("gpt2", "opt", "llama", "qwen2")
@@ -62,14 +62,15 @@ def test_a_saved_checkpoint_reloads_to_the_same_logits(family, tmp_path) -> None
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_fused_losses_hidden_states_times_the_head_are_the_models_logits(family) -> None:
-    """response_hidden_and_head runs the body only; its hidden states through the LM head must be the full model's
+    """response_hidden runs the body only; its hidden states through the LM head must be the full model's
     logits at the positions that predict each response token (OPT's final norm and Llama's RMSNorm included)."""
     model = tiny(family)
     prompt_ids, prompt_mask = left_pad([[5, 6, 7], [8, 9, 10, 11, 12], [4]], EOS)
     rollout = sample(model, prompt_ids, prompt_mask, max_new_tokens=6, eos_token_id=EOS, pad_token_id=EOS,
                      generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        hidden, head = response_hidden_and_head(model, rollout, torch.arange(3))
+        hidden = response_hidden(model, rollout, torch.arange(3))
+        head = with_lm_head(model, lambda weight: weight)
         ids = torch.cat([prompt_ids, rollout.response_ids], 1)
         mask = torch.cat([prompt_mask, torch.ones_like(rollout.response_ids)], 1)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
