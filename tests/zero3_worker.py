@@ -4,9 +4,10 @@ tests/test_zero3.py, which launches it:
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/zero3_worker.py --world W --out OUT
 
 `W` holds the tokenizer and splits (the test builds them once, so both ranks read the same). Rank 0 saves, in
-OUT/results.pt, per (family, method, ZeRO stage), the final parameters gathered from every rank and the kept
-best state; per family, how much of the ZeRO-3 student and teacher each rank holds; the final parameters of a ZeRO-3 SFT run interrupted after its step-2 checkpoint and
-resumed; and, per family, the ZeRO-3 MiniLLM student saved as a Hugging Face directory OUT/<family>-minillm.
+OUT/results.pt, per (family, method, ZeRO stage), the final parameters gathered from every rank and the kept best
+state; per family, how much of the ZeRO-3 student and teacher each rank holds, and the final parameters of a ZeRO-3
+SFT run interrupted after its step-2 checkpoint and resumed; and, per family, the ZeRO-3 MiniLLM student saved as a
+Hugging Face directory OUT/<family>-minillm.
 """
 
 from __future__ import annotations
