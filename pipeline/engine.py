@@ -49,7 +49,9 @@ def relaunch_if_data_parallel(engine: EngineConfig) -> None:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={engine.num_procs}", "-m"]
     else:
         launcher = ["deepspeed", f"--num_gpus={engine.num_procs}", "--module"]
-    completed = subprocess.run([*launcher, module, *sys.argv[1:]], preexec_fn=die_with_parent)
+    # "--" ends the launcher's own options: argparse matches every later "--x" against them by prefix, so without
+    # it the stages' `--start` is rejected as ambiguous (torchrun's --start-method) before the module is even read.
+    completed = subprocess.run([*launcher, "--", module, *sys.argv[1:]], preexec_fn=die_with_parent)
     sys.exit(completed.returncode)
 
 

@@ -161,11 +161,11 @@ def test_a_stage_run_as_a_module_relaunches_itself_on_every_rank(tmp_path):
     """DVC runs `python -m stages.x`; the relaunched ranks must import pipeline without any PYTHONPATH."""
     env = child_environment()
     env.pop("PYTHONPATH", None)
-    command = [sys.executable, "-m", "tests.ddp_relaunch_probe", str(tmp_path)]
+    command = [sys.executable, "-m", "tests.ddp_relaunch_probe", str(tmp_path), "--start", "models/tiny/sft"]
     completed = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]
-    assert (tmp_path / "rank0").read_text() == (tmp_path / "rank1").read_text() == "2"
+    assert (tmp_path / "rank0").read_text() == (tmp_path / "rank1").read_text() == "2 models/tiny/sft"
 
 
 def test_cosine_schedule_without_warmup_by_hand():
