@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpoint, engine
-from pipeline.config import Architecture, CheckpointConfig, EngineConfig, MiniLLMMethod, Optimizer, SFTStage
+from pipeline import engine
+from pipeline.config import Architecture, EngineConfig, MiniLLMMethod, Optimizer, SFTStage
 from pipeline.minillm import train_minillm
 from pipeline.models import build_causal_lm, save_checkpoint
 from pipeline.sft import KDTerm, copy_with_state, cpu_state, train_sft
+from tests.test_recipes import run_recipe
 
 FAMILIES = ("llama", "opt")
 OPTIMIZER = Optimizer(lr=2e-3, min_lr=2e-4, weight_decay=0.01, grad_clip=1.0, schedule="cosine", warmup_steps=1)
@@ -35,10 +36,6 @@ MINILLM = MiniLLMMethod(
     whiten_advantages=True, clip_eps=0.2, single_step=True, pt_coef=1.0, pt_batch_size=2, pt_teacher_kd_ratio=0.5,
     optimizer=OPTIMIZER.model_dump(), eval_every=2, eval_max_new_tokens=4,
 )
-
-
-class Interrupted(Exception):
-    pass
 
 
 def tiny_pair(family: str, vocab_size: int, eos: int) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -66,26 +63,9 @@ def held_fraction(model: torch.nn.Module, dist) -> tuple[float, float]:
 
 
 def run(recipe, name: str, dist, engine_config, interrupt_at: int | None = None, **kwargs):
-    """The recipe as its stage runs it, with a checkpointer in scratch/<name>; with `interrupt_at`, stopped right
-    after that step's checkpoint is written (what a kill leaves behind). None when interrupted."""
-    resume = checkpoint.find(name, "fingerprint", dist)
-    checkpointer = checkpoint.Checkpointer(name, "fingerprint", CheckpointConfig(every_steps=2, max_nonfinite_skips=0),
-                                           dist, resume, run_id=None)
-    if interrupt_at is not None:
-        save = checkpointer.save
-
-        def save_then_stop(model_engine, step, loop_state, rank_state):
-            save(model_engine, step, loop_state, rank_state)
-            if step == interrupt_at:
-                raise Interrupted
-
-        checkpointer.save = save_then_stop
-    try:
-        result = recipe(dist=dist, engine_config=engine_config, checkpointer=checkpointer,
-                        log_metrics=lambda metrics, step=None: None, **kwargs)
-    except Interrupted:
-        return None
-    checkpointer.finish()
+    """The recipe as its stage runs it (tests/test_recipes.py's run_recipe: a checkpointer in scratch/<name>, every
+    2 steps); with `interrupt_at`, stopped right after that step's checkpoint is written. None when interrupted."""
+    result, _ = run_recipe(recipe, {"dist": dist, "engine": engine_config}, name, interrupt_at, **kwargs)
     return result
 
 
