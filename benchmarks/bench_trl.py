@@ -9,8 +9,17 @@ suite, the same prompts (instruction prompts of that suite, spec §1 template), 
     ours_gkd our GKD step at GKDTrainer's settings, equal work: student-only sampling (`sample`, KV-cached), the
              teacher's forward on the samples, generalised JSD with beta=1 (reverse KL) through the fused LM heads
              (`pipeline.student_data.divergence_sums`), AdamW
+    ours_opd our OPD step (params.yaml's distill.opd through `OPDMethod.as_policy_gradient`), equal work with
+             minillm_opd: student-only sampling with the teacher's cached forward alongside (its log-probabilities
+             and hidden states), the token's own reward log p - log q as advantage (discount 0), the clipped ratio
+             (one update per rollout, so it stays 1), no single-step term, no PT loss, AdamW; the batch is
+             batch/2 prompts sampled twice each, as minillm_opd's num_generations=2
     gkd      trl.experimental.gkd.GKDTrainer, lmbda=1 (always on-policy: student `generate`), beta=1 (reverse KL)
-    minillm  trl.experimental.minillm.MiniLLMTrainer (GRPO-based), num_generations=2, same samples per step
+    minillm  trl.experimental.minillm.MiniLLMTrainer (GRPO-based), num_generations=2, same samples per step, its
+             defaults (single-step decomposition on)
+    minillm_opd  MiniLLMTrainer at ours_opd's settings: rkl_advantage (per-token reward), gamma 0,
+             single_step_decomposition off, GRPO's beta 0 (no reference KL), epsilon 0.2, one iteration per
+             generation, loss_type dapo (summed over tokens, divided by their count, as ours)
 EOS is disabled in every model, so every sample is exactly --new-tokens long. Every contender runs --steps
 optimiser steps after one warm-up step (not timed); seconds per sample = timed wall time / (steps x batch).
 Peak memory: the subprocess's peak RSS (VmHWM) and its rise above the RSS after models and trainer were built.
@@ -37,7 +46,7 @@ from pipeline.data import build_prompt, train_bpe_tokenizer
 from pipeline.models import build_causal_lm
 from pipeline.synthetic import build_suite
 
-CONTENDERS = ("ours", "ours_gkd", "gkd", "minillm")
+CONTENDERS = ("ours", "ours_gkd", "ours_opd", "gkd", "minillm", "minillm_opd")
 TEACHER_ARCH = Architecture(n_layer=4, n_embd=128, n_head=2)
 STUDENT_ARCH = Architecture(n_layer=2, n_embd=64, n_head=2)
 LEARNING_RATE = 5e-4
@@ -128,6 +137,42 @@ def run_ours_gkd(args, tokenizer, teacher, student, prompt_ids, prompt_texts) ->
     return time.perf_counter() - started, baseline
 
 
+def run_ours_opd(args, tokenizer, teacher, student, prompt_ids, prompt_texts) -> tuple[float, int]:
+    import yaml
+
+    from pipeline.config import OPDMethod
+    from pipeline.engine import build_optimizer
+    from pipeline.generation import left_pad, sample
+    from pipeline.minillm import make_buffer, surrogate_sums
+
+    raw = yaml.safe_load(open("params.yaml"))["distill"]["opd"]
+    config = OPDMethod.model_validate({**raw, "discount": 0.0}).as_policy_gradient()
+    optimizer = build_optimizer(student, config.optimizer.model_copy(update={"lr": LEARNING_RATE}))
+    teacher.eval()
+    student.eval()  # MiniLLMTrainer disables dropout too
+    generator = torch.Generator().manual_seed(0)
+    baseline = current_rss()
+    prompts_per_step = args.batch // 2  # each sampled twice, as num_generations=2
+
+    def step(index: int) -> None:
+        start = index * prompts_per_step % (len(prompt_ids) - prompts_per_step)
+        prompts = [ids for ids in prompt_ids[start : start + prompts_per_step] for _ in range(2)]
+        ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+        rollout = sample(student, ids, mask, max_new_tokens=args.new_tokens, eos_token_id=-1,
+                         pad_token_id=tokenizer.pad_token_id, generator=generator, teacher=teacher, teacher_mix=0.0)
+        buffer = make_buffer(rollout, config)
+        sums = surrogate_sums(student, teacher, buffer, torch.arange(len(prompts)), config)
+        (sums["long"] / rollout.response_mask.sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(0)
+    started = time.perf_counter()
+    for index in range(1, args.steps + 1):
+        step(index)
+    return time.perf_counter() - started, baseline
+
+
 class StepTimer(TrainerCallback):
     """Wall time from the end of the warm-up step to the end of training, and the RSS before training."""
 
@@ -180,14 +225,16 @@ def run_gkd(args, tokenizer, teacher, student, prompt_ids, prompt_texts) -> tupl
     return timer.finished - timer.started, timer.baseline
 
 
-def run_minillm(args, tokenizer, teacher, student, prompt_ids, prompt_texts) -> tuple[float, int]:
+def run_minillm(args, tokenizer, teacher, student, prompt_ids, prompt_texts, **options) -> tuple[float, int]:
     from datasets import Dataset
     from trl.experimental.minillm import MiniLLMConfig, MiniLLMTrainer
 
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as output_dir:
         config = MiniLLMConfig(**common_training_arguments(args, output_dir), num_generations=2,
-                               max_completion_length=args.new_tokens, temperature=1.0)
+                               max_completion_length=args.new_tokens, temperature=1.0,
+                               # GRPO stops at the tokenizer's EOS unless told otherwise: fixed-length samples
+                               generation_kwargs={"eos_token_id": None}, **options)
         trainer = MiniLLMTrainer(
             model=student, teacher_model=teacher, args=config, processing_class=tokenizer,
             train_dataset=Dataset.from_dict({"prompt": prompt_texts}), callbacks=[timer],
@@ -196,10 +243,17 @@ def run_minillm(args, tokenizer, teacher, student, prompt_ids, prompt_texts) -> 
     return timer.finished - timer.started, timer.baseline
 
 
+def run_minillm_opd(args, tokenizer, teacher, student, prompt_ids, prompt_texts) -> tuple[float, int]:
+    return run_minillm(args, tokenizer, teacher, student, prompt_ids, prompt_texts, rkl_advantage=True, gamma=0.0,
+                       single_step_decomposition=False, kd_temperature=1.0, beta=0.0, epsilon=0.2, num_iterations=1,
+                       loss_type="dapo")
+
+
 def child(args) -> None:
     torch.manual_seed(0)
     built = build_models_and_prompts(args)
-    runner = {"ours": run_ours, "ours_gkd": run_ours_gkd, "gkd": run_gkd, "minillm": run_minillm}[args.child]
+    runner = {"ours": run_ours, "ours_gkd": run_ours_gkd, "ours_opd": run_ours_opd, "gkd": run_gkd,
+              "minillm": run_minillm, "minillm_opd": run_minillm_opd}[args.child]
     seconds, baseline = runner(args, *built)
     peak = process_peak_rss()
     print("RESULT " + json.dumps({"seconds": seconds, "peak": peak, "baseline": baseline}))
@@ -240,11 +294,12 @@ def main() -> None:
     print(f"\nbatch {args.batch}, prompt <= {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.steps} timed "
           f"steps, threads {args.threads}")
     print_table(["contender", "ms / sample", "samples/s", "peak RSS MiB", "peak over start MiB"], rows)
-    for ours, peer in (("ours_gkd", "gkd"), ("ours", "gkd"), ("ours", "minillm")):
+    equal_work = (("ours_gkd", "gkd"), ("ours_opd", "minillm_opd"))
+    for ours, peer in (*equal_work, ("ours", "gkd"), ("ours", "minillm")):
         if ours in results and peer in results:
             speedup = results[peer]["seconds"] / results[ours]["seconds"]
             memory = results[ours]["peak"] / results[peer]["peak"]
-            work = "equal work" if (ours, peer) == ("ours_gkd", "gkd") else "not equal work"
+            work = "equal work" if (ours, peer) in equal_work else "not equal work"
             print(f"{ours} vs {peer} ({work}): {speedup:.2f}x throughput (target >= 2), {memory:.2f}x peak RSS "
                   "(target <= 1)")
 

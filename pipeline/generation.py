@@ -31,6 +31,7 @@ shared by both models. Other architectures (OPT among them), and models in train
 the model's own forward with a transformers cache.
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from transformers import Cache, GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM
 
 from pipeline.engine import any_rank, partitioned
+from pipeline.hidden_states import FUSED_CHUNK, response_hidden, unwrapped, with_lm_head
 from pipeline.models import has_adapters
 
 
@@ -214,6 +216,27 @@ def _token_logprobs(scaled_logits: torch.Tensor, tokens: torch.Tensor) -> torch.
     return scaled_logits.gather(-1, tokens[:, None]).squeeze(-1) - scaled_logits.logsumexp(-1)
 
 
+def score_with_teacher(teacher: torch.nn.Module, rollout: Rollout, temperature: float) -> Rollout:
+    """`rollout` with the teacher's log-probs of its tokens and the hidden states that scored them, from one forward
+    of the teacher over [prompt; response] rather than one per sampled token: what sampling gives when the teacher
+    only scores (teacher_mix 0). Its LM head runs FUSED_CHUNK positions at a time, so no [B, R, V] logits exist."""
+    hidden = response_hidden(teacher, rollout, torch.arange(rollout.response_ids.shape[0]))
+    tokens = rollout.response_ids
+
+    def token_logprobs(head: torch.Tensor) -> torch.Tensor:
+        chunks = []
+        for start in range(0, tokens.shape[1], FUSED_CHUNK):
+            chunk_hidden, chunk_tokens = hidden[:, start : start + FUSED_CHUNK], tokens[:, start : start + FUSED_CHUNK]
+            logits = F.linear(chunk_hidden, head)
+            scaled = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # fp32 softmax
+            chunks.append(scaled.gather(-1, chunk_tokens[..., None]).squeeze(-1) - scaled.logsumexp(-1))
+        return torch.cat(chunks, dim=1)
+
+    logprobs = with_lm_head(teacher, token_logprobs)
+    return dataclasses.replace(rollout, teacher_logprobs=torch.where(rollout.response_mask.bool(), logprobs, 0.0),
+                               teacher_hidden=hidden)
+
+
 def banned_by_ngram_repeat(sequence_ids: torch.Tensor, size: int, vocab_size: int) -> torch.Tensor:
     """[B, V] True where a token would complete an n-gram of `size` tokens that the row already holds, prompt and
     its padding included: transformers' `no_repeat_ngram_size` rule, which the official MiniLLM evaluation uses
@@ -254,6 +277,11 @@ def sample(
     the same random numbers in the same order as the cached path. no_repeat_ngram_size > 0 gives probability 0 to
     every token that would repeat an n-gram of that size (banned_by_ngram_repeat); the log-probs are then those of
     the blocked distributions, which are what the tokens were drawn from.
+
+    With teacher_mix 0 the teacher only scores the student's tokens: on the cached path it then runs once over the
+    finished responses (score_with_teacher) instead of once per token. On a CPU a tiny teacher's per-token
+    forwards cost far more than their FLOPs (benchmarks/bench_trl.py, ours_opd); the scores are the same up to float
+    rounding (tests/test_generation.py). The uncached reference path keeps scoring inside the loop.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -282,6 +310,11 @@ def sample(
     # until every rank's rows have, and its rollout and generator end as they would have alone.
     lockstep = partitioned(student) or partitioned(teacher)
     done_here = False
+
+    # The fused head takes a weight alone: a head with a bias (never in the pipeline's models) is scored in the loop.
+    score_after = (teacher is not None and teacher_mix == 0.0 and use_cache and no_repeat_ngram_size == 0
+                   and unwrapped(teacher).get_output_embeddings().bias is None)
+    scoring_teacher, teacher = (teacher, None) if score_after else (None, teacher)  # `teacher`: the one in the loop
 
     student_decoder, teacher_decoder = fast_decoder(student), fast_decoder(teacher)
     if use_cache and student_decoder is not None and (teacher is None or teacher_decoder is not None):
@@ -359,7 +392,7 @@ def sample(
         attention_mask = torch.cat([attention_mask, ones_column], dim=1)
         position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=1)
 
-    return Rollout(
+    rollout = Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
         response_ids=torch.stack(step_tokens, dim=1),
@@ -369,6 +402,7 @@ def sample(
         teacher_hidden=torch.stack(step_teacher_hidden, dim=1) if teacher is not None else None,
         from_teacher=torch.stack(step_from_teacher, dim=1),
     )
+    return score_with_teacher(scoring_teacher, rollout, temperature) if score_after else rollout
 
 
 def decode_responses(tokenizer, rollout: Rollout) -> list[str]:

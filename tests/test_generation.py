@@ -219,6 +219,32 @@ def test_other_architectures_cached_sampling_equals_uncached_and_generate(family
     assert torch.equal(responses[:, : ours.response_ids.shape[1]], ours.response_ids)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "opt", "llama"])
+def test_a_teacher_that_only_scores_runs_once_after_sampling_and_gives_the_in_loop_scores(family: str) -> None:
+    """teacher_mix 0: the cached path scores the finished responses with one teacher forward; its log-probs and
+    hidden states are those the uncached path computes token by token inside the loop, and the draws are unchanged."""
+    student = tiny_gpt2(seed=3) if family == "gpt2" else tiny_of_family(family, 3)
+    teacher = tiny_gpt2(seed=5) if family == "gpt2" else tiny_of_family(family, 5)
+    teacher_forwards = []
+    teacher.get_input_embeddings().register_forward_pre_hook(lambda module, args: teacher_forwards.append(args[0].shape))
+    prompt_ids, prompt_mask = left_pad(PROMPTS, EOS)
+    cached, uncached = (
+        sample(student, prompt_ids, prompt_mask, max_new_tokens=12, eos_token_id=EOS, pad_token_id=EOS,
+               generator=torch.Generator().manual_seed(4), teacher=teacher, teacher_mix=0.0, use_cache=use_cache)
+        for use_cache in (True, False)
+    )
+    assert teacher_forwards[0] == (len(PROMPTS), prompt_ids.shape[1] + cached.response_ids.shape[1])
+    assert len(teacher_forwards) == 1 + cached.response_ids.shape[1]  # the cached path's one, the uncached path's
+    assert torch.equal(cached.response_ids, uncached.response_ids)
+    torch.testing.assert_close(cached.student_logprobs, uncached.student_logprobs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(cached.teacher_logprobs, uncached.teacher_logprobs, atol=1e-4, rtol=0)
+    real = cached.response_mask.bool()
+    assert (cached.teacher_logprobs[~real] == 0).all() and (cached.teacher_logprobs[real] < 0).all()
+    torch.testing.assert_close(cached.teacher_hidden[real], uncached.teacher_hidden[real], atol=1e-4, rtol=1e-4)
+    rescored = teacher_forced_logprobs(teacher, cached) * cached.response_mask
+    torch.testing.assert_close(cached.teacher_logprobs, rescored, atol=1e-4, rtol=0)
+
+
 def test_cached_path_feeds_the_prompt_once_then_one_token_per_step() -> None:
     student, teacher = tiny_gpt2(seed=1, eos_bias=2.0), tiny_gpt2(seed=2, eos_bias=2.0)
     fed_lengths = {"student": [], "teacher": []}
