@@ -272,14 +272,19 @@ def teacher_cross_entropy(
 
 
 def _head_chunk(
-    student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor, tokens: Tensor
+    kl_grad: bool, student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor,
+    tokens: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
     log_q = F.log_softmax(at_least_fp32(F.linear(student_hidden, student_head)), dim=-1)
     log_p = F.log_softmax(at_least_fp32(F.linear(teacher_hidden, teacher_head)), dim=-1)
     token_logprobs = log_q.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
         entropy = -(log_q.exp() * log_q).sum(-1)
-    return token_logprobs, _reverse_kl_per_token(log_q, log_p), entropy
+    # A KL that no loss uses must not keep a graph: its recomputed intermediates, never unpacked by backward,
+    # would stay alive for every chunk until backward ends (benchmarks/bench_logits.py, opd).
+    with torch.set_grad_enabled(kl_grad and torch.is_grad_enabled()):
+        kl = _reverse_kl_per_token(log_q, log_p)
+    return token_logprobs, kl, entropy
 
 
 def fused_head_reverse_kl(
@@ -291,13 +296,15 @@ def fused_head_reverse_kl(
     mask: Tensor,
     *,
     weights: Tensor | None = None,
+    kl_grad: bool = True,
     chunk_size: int = DEFAULT_CHUNK,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """What MiniLLM's update needs from both models' logits, computed from their last hidden states [B, T, d] and
     LM-head weights [V, d] (bias-free heads, as GPT-2's), without ever holding [B, T, V] logits:
 
         log q(tokens_t)                      [B, T], differentiable (the PPO term's log-probs of the sampled tokens)
-        sum_t w_t KL(q_t || p_t)             scalar, differentiable (the single-step term; w = mask when None)
+        sum_t w_t KL(q_t || p_t)             scalar, differentiable unless kl_grad is False (the single-step term;
+                                             w = mask when None; OPD only logs it)
         sum_t mask_t H(q_t)                  scalar, no gradient (a diagnostic)
 
     The teacher's hidden states and head are constants. Each chunk of positions runs both heads and the softmaxes
@@ -331,9 +338,9 @@ def fused_head_reverse_kl(
             student_hidden[:, start:end], student_head, teacher_hidden[:, start:end], teacher_head, tokens[:, start:end]
         )
         if use_checkpoint:
-            chunk_logprobs, kl, entropy = checkpoint(_head_chunk, *inputs, use_reentrant=False)
+            chunk_logprobs, kl, entropy = checkpoint(_head_chunk, kl_grad, *inputs, use_reentrant=False)
         else:
-            chunk_logprobs, kl, entropy = _head_chunk(*inputs)
+            chunk_logprobs, kl, entropy = _head_chunk(kl_grad, *inputs)
         token_logprobs.append(chunk_logprobs)
         kl_sum = kl_sum + (kl * token_weights[:, start:end]).sum()
         entropy_sum = entropy_sum + (entropy * mask[:, start:end]).sum()
@@ -420,6 +427,65 @@ def fused_head_divergence(
         for key, value in zip(sums, values):
             sums[key] = sums[key] + (value * mask[:, start:end]).sum()
     return sums
+
+
+def _head_chunk_kd(per_token, student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor,
+                   teacher_head: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    log_q = F.log_softmax(at_least_fp32(F.linear(student_hidden, student_head)), dim=-1)
+    log_p = F.log_softmax(at_least_fp32(F.linear(teacher_hidden, teacher_head)), dim=-1)
+    return -log_q.gather(-1, targets.unsqueeze(-1)).squeeze(-1), per_token(log_q, log_p)
+
+
+def fused_head_kd(
+    name: str,
+    student_hidden: Tensor,
+    student_head: Tensor,
+    teacher_hidden: Tensor,
+    teacher_head: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    *,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> dict[str, Tensor]:
+    """Word-level KD's two sums over the masked positions of [B, T], from both models' last hidden states [B, T, d]
+    and bias-free LM heads [V, d], a chunk of positions at a time, each recomputed during backward: no [B, T, V]
+    logits exist (the full-logits form is F.cross_entropy and `divergence` with reduction "sum").
+
+        ce           sum_t mask_t -log q(targets_t)      differentiable in the student's hidden states and head
+        divergence   sum_t mask_t d(q_t, p_t)            the divergence `name`, differentiable likewise
+
+    Chunks without a masked position (a left block of prompts) are skipped: their terms are 0. Targets at unmasked
+    positions may be anything (-100 included)."""
+    if not student_hidden.shape[:2] == teacher_hidden.shape[:2] == targets.shape == mask.shape:
+        raise ValueError(f"hidden states {tuple(student_hidden.shape)} / {tuple(teacher_hidden.shape)}, targets "
+                         f"{tuple(targets.shape)} and mask {tuple(mask.shape)} must agree on [B, T]")
+    if student_head.shape[0] != teacher_head.shape[0]:
+        raise ValueError(f"student head vocabulary {student_head.shape[0]} != teacher head vocabulary "
+                         f"{teacher_head.shape[0]}; teacher and student must share one tokenizer")
+    per_token = per_token_divergence(name, beta, alpha)
+    mask = mask.to(torch.float32)
+    targets = torch.where(mask > 0, targets, 0)
+    teacher_hidden, teacher_head = teacher_hidden.detach(), teacher_head.detach()
+    use_checkpoint = torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad)
+    starts = range(0, targets.shape[1], chunk_size)
+    # One host sync decides for all chunks; the first always runs, so the sums stay functions of the student.
+    has_tokens = [index == 0 or flag for index, flag in enumerate(
+        torch.stack([mask[:, start : start + chunk_size].any() for start in starts]).tolist())]
+    ce = divergence_sum = student_hidden.new_zeros((), dtype=torch.float32)
+    for start, computed in zip(starts, has_tokens):
+        if not computed:
+            continue
+        end = start + chunk_size
+        inputs = (student_hidden[:, start:end], student_head, teacher_hidden[:, start:end], teacher_head, targets[:, start:end])
+        if use_checkpoint:
+            token_ce, token_divergence = checkpoint(_head_chunk_kd, per_token, *inputs, use_reentrant=False)
+        else:
+            token_ce, token_divergence = _head_chunk_kd(per_token, *inputs)
+        ce = ce + (token_ce * mask[:, start:end]).sum()
+        divergence_sum = divergence_sum + (token_divergence * mask[:, start:end]).sum()
+    return {"ce": ce, "divergence": divergence_sum}
 
 
 def divergence(

@@ -126,10 +126,10 @@ def surrogate_sums(student, teacher, buffer: RolloutBuffer, rows: torch.Tensor, 
     # would recompute what sampling already did.
     logp_new, kl_sum, entropy_sum = with_lm_head(student, lambda student_head: losses.fused_head_reverse_kl(
         student_hidden, student_head, rollout.teacher_hidden[rows], lm_head_weight(teacher), rollout.response_ids[rows], mask,
-        weights=weights if config.single_step_weighted else None, chunk_size=FUSED_CHUNK,  # None: w_t = 1
-    ))
+        weights=weights if config.single_step_weighted else None, kl_grad=config.single_step, chunk_size=FUSED_CHUNK,
+    ))  # weights None: w_t = 1
     long_sum, clipped = policy_loss(logp_new, rollout.student_logprobs[rows], advantage, weights, mask, config.clip_eps)
-    # Without the single-step term the KL is computed but left out of the loss, so it adds no gradient.
+    # Without the single-step term the KL is computed (without a graph) but left out of the loss.
     single_sum = kl_sum if config.single_step else long_sum.new_zeros(())
     return {"single": single_sum, "long": long_sum, "clipped": clipped.float(), "entropy": torch.as_tensor(entropy_sum)}
 

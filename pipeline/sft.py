@@ -29,6 +29,7 @@ from pipeline.config import ConfigError, EngineConfig, SFTStage
 from pipeline.cost import BudgetCheckpoint
 from pipeline.data import TokenizedSplit, sft_batch
 from pipeline.evaluation import evaluate_rouge_l
+from pipeline.hidden_states import FUSED_CHUNK, lm_head_weight, with_lm_head
 from pipeline.models import add_lora
 
 
@@ -59,18 +60,31 @@ class SFTResult:
 
 def response_token_loss_parts(model, batch: dict, kd: KDTerm | None) -> tuple[dict[str, torch.Tensor], int]:
     """Sums over response tokens of the CE and (with a KD term) the divergence, and how many tokens they cover."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
     targets = batch["labels"][:, 1:]
     mask = targets != -100
-    ce_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
     if kd is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        ce_sum = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
         return {"ce": ce_sum}, int(mask.sum())
+    # KD: both LM heads run inside chunks of positions (losses.fused_head_kd), so neither model's [B, T, V] logits
+    # exist: they would be most of the step's memory at a 128K vocabulary (benchmarks/bench_logits.py).
+    student_hidden = last_hidden_states(model, batch)
     with torch.no_grad():
-        teacher_logits = kd.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    kd_sum = losses.divergence(
-        kd.divergence, logits, teacher_logits, mask, beta=kd.beta, alpha=kd.alpha, reduction="sum"
-    )
-    return {"ce": ce_sum, "kd": kd_sum}, int(mask.sum())
+        teacher_hidden = last_hidden_states(kd.teacher, batch)
+    sums = with_lm_head(model, lambda student_head: losses.fused_head_kd(
+        kd.divergence, student_hidden, student_head, teacher_hidden, lm_head_weight(kd.teacher), targets, mask,
+        beta=kd.beta, alpha=kd.alpha, chunk_size=FUSED_CHUNK,
+    ))
+    return {"ce": sums["ce"], "kd": sums["divergence"]}, int(mask.sum())
+
+
+def last_hidden_states(model, batch: dict) -> torch.Tensor:
+    """[B, T - 1, d]: the last hidden states (after the final norm) that predict tokens 1..T-1 of the batch."""
+    # Through the model's own forward (the DeepSpeed engine's, whose ZeRO-3 bookkeeping runs there), with the LM
+    # head kept to one position: the fused loss runs the head.
+    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
+                   logits_to_keep=1)
+    return output.hidden_states[-1][:, :-1]
 
 
 def response_token_loss_sum(model, batch: dict, kd: KDTerm | None) -> tuple[torch.Tensor, int]:

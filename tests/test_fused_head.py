@@ -148,3 +148,31 @@ def test_fused_divergence_equals_the_plain_one_in_value_and_gradient(name, chunk
     plain_sum.backward()
     for fused, plain_input in zip(fused_inputs, plain_inputs):
         torch.testing.assert_close(fused.grad, plain_input.grad)
+
+
+@pytest.mark.parametrize("name", ["teacher_cross_entropy", "forward_kl", "jsd", "skew_reverse_kl"])
+@pytest.mark.parametrize("chunk_size", [1, 2, 64])
+def test_fused_kd_equals_cross_entropy_and_the_plain_divergence_in_value_and_gradient(name, chunk_size):
+    """fused_head_kd against F.cross_entropy and losses.divergence on materialised logits; the first two positions
+    are unmasked everywhere (a prompt block), so chunk size 2 skips a chunk, and their targets are -100."""
+    import torch.nn.functional as F
+
+    from pipeline import losses
+
+    student_hidden, student_head, teacher_hidden, teacher_head, targets, mask, _ = batch(seed=chunk_size)
+    mask[:, :2] = 0
+    targets = torch.where(mask > 0, targets, -100)
+    fused_inputs = [t.clone().requires_grad_() for t in (student_hidden, student_head)]
+    plain_inputs = [t.clone().requires_grad_() for t in (student_hidden, student_head)]
+    sums = losses.fused_head_kd(name, *fused_inputs, teacher_hidden, teacher_head, targets, mask, beta=0.3, alpha=0.2,
+                                chunk_size=chunk_size)
+    student_logits = plain_inputs[0] @ plain_inputs[1].T
+    teacher_logits = teacher_hidden @ teacher_head.T
+    plain_ce = F.cross_entropy(student_logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    plain_divergence = losses.divergence(name, student_logits, teacher_logits, mask, beta=0.3, alpha=0.2, reduction="sum")
+    torch.testing.assert_close(sums["ce"], plain_ce)
+    torch.testing.assert_close(sums["divergence"], plain_divergence)
+    (0.4 * sums["ce"] + 0.6 * sums["divergence"]).backward()
+    (0.4 * plain_ce + 0.6 * plain_divergence).backward()
+    for fused, plain_input in zip(fused_inputs, plain_inputs):
+        torch.testing.assert_close(fused.grad, plain_input.grad)

@@ -1,4 +1,4 @@
-"""SFT, KD and MiniLLM on tiny Llama and OPT models under ZeRO-0 and ZeRO-3, on 2 gloo ranks; shared by
+"""SFT, KD, MiniLLM and OPD on tiny Llama and OPT models under ZeRO-0 and ZeRO-3, on 2 gloo ranks; shared by
 tests/test_zero3.py, which launches it:
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/zero3_worker.py --world W --out OUT
@@ -36,6 +36,11 @@ MINILLM = MiniLLMMethod(
     whiten_advantages=True, clip_eps=0.2, single_step=True, pt_coef=1.0, pt_batch_size=2, pt_teacher_kd_ratio=0.5,
     optimizer=OPTIMIZER.model_dump(), eval_every=2, eval_max_new_tokens=4,
 )
+
+# OPD's choices (OPDMethod.as_policy_gradient): no teacher mixing, no single-step term, no PT loss, so that no step
+# runs the student's whole forward with its LM head.
+OPD = MINILLM.model_copy(update={"teacher_mix": 0.0, "single_step": False, "pt_coef": 0.0, "returns": "discounted",
+                                 "gamma": 0.0, "length_normalized": False, "whiten_advantages": False})
 
 
 def tiny_pair(family: str, vocab_size: int, eos: int) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -94,16 +99,17 @@ def main() -> None:
                              stage_key=f"{family}.{method}", kd=kd if method == "kd" else None, **sft_inputs)
                 results[(family, method, zero_stage)] = {"final": cpu_state(model), "best": result.best_rouge_state,
                                                          "valid_curve": result.valid_curve}
-            model = copy.deepcopy(student)
-            rollouts = args.out / f"rollouts-{family}-{zero_stage}"
-            rollouts.mkdir(exist_ok=True)
-            minillm_teacher = copy.deepcopy(teacher)
-            result = run(train_minillm, f"{family}-minillm-{zero_stage}", dist, config, student=model,
-                         teacher=minillm_teacher, tokenizer=tokenizer, train_prompts=world["train"].prompts(),
-                         pt_blocks=world["blocks"], valid_records=world["records"], config=MINILLM, seed=5,
-                         rollout_dir=rollouts)
-            results[(family, "minillm", zero_stage)] = {"final": cpu_state(model), "best": result.best_state,
-                                                        "valid_curve": result.valid_curve}
+            for method, method_config in (("opd", OPD), ("minillm", MINILLM)):  # MiniLLM's student is checked below
+                model = copy.deepcopy(student)
+                rollouts = args.out / f"rollouts-{family}-{method}-{zero_stage}"
+                rollouts.mkdir(exist_ok=True)
+                minillm_teacher = copy.deepcopy(teacher)
+                result = run(train_minillm, f"{family}-{method}-{zero_stage}", dist, config, student=model,
+                             teacher=minillm_teacher, tokenizer=tokenizer, train_prompts=world["train"].prompts(),
+                             pt_blocks=world["blocks"], valid_records=world["records"], config=method_config, seed=5,
+                             rollout_dir=rollouts)
+                results[(family, method, zero_stage)] = {"final": cpu_state(model), "best": result.best_state,
+                                                         "valid_curve": result.valid_curve}
             if zero_stage == 3:
                 results[(family, "held")] = {"student": held_fraction(model, dist),
                                              "teacher": held_fraction(minillm_teacher, dist)}
