@@ -118,8 +118,8 @@ def main() -> None:
         f"# `dvc repro --force` of the embedded default: {total:.0f} s at {gflops:.0f} GFLOP/s = {normalised:.0f} "
         f"normalised s, target {TARGET_NORMALISED_S}: {'met' if normalised <= TARGET_NORMALISED_S else 'missed'}",
         "",
-        f"Measured on {os.cpu_count()} CPU cores by `python -m benchmarks.bench_pipeline`"
-        f"{' --here' if args.here else ''} ({time.strftime('%Y-%m-%d')}; matmul {gflops_before:.0f} GFLOP/s before the "
+        f"Measured on {os.cpu_count()} CPU cores by `python -m benchmarks.bench_pipeline"
+        f"{' --here' if args.here else ''}` ({time.strftime('%Y-%m-%d')}; matmul {gflops_before:.0f} GFLOP/s before the "
         f"repro and {gflops_after:.0f} after, the lower used). Wall time includes the stage's process start-up "
         "and DVC's bookkeeping; start-up is the interpreter and the stage script's imports, measured separately "
         f"(best of 3). Start-up in all: {total_start_up:.0f} s, {total_start_up / total:.0%} of the total.",
