@@ -60,27 +60,19 @@ from pipeline.minillm import make_buffer, pt_loss_sum, surrogate_sums
 from pipeline.minillm_loss import policy_loss
 
 
-class PrecomputedBody(torch.nn.Module):
-    """A model body that returns precomputed last hidden states, whatever its inputs."""
-
-    def __init__(self, hidden: torch.Tensor):
-        super().__init__()
-        self.hidden = hidden
-
-    def forward(self, **inputs):
-        return types.SimpleNamespace(last_hidden_state=self.hidden)
-
-
 class LogitsPartOnly(torch.nn.Module):
-    """Stands in for a model inside `surrogate_sums` (which reads `base_model` and `get_output_embeddings()`), so
-    that only the logits part of the step runs. The head weight does not require grad: its gradient is a parameter
-    gradient of the model, not logits memory."""
+    """Stands in for a model inside `surrogate_sums` (which runs its forward for the last hidden states and reads
+    `get_output_embeddings()`), so that only the logits part of the step runs. The head weight does not require
+    grad: its gradient is a parameter gradient of the model, not logits memory."""
 
     def __init__(self, hidden: torch.Tensor, head_weight: torch.Tensor):
         super().__init__()
-        self.base_model = PrecomputedBody(hidden)
+        self.hidden = hidden
         self.head = torch.nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=False, device=head_weight.device)
         self.head.weight = torch.nn.Parameter(head_weight.detach(), requires_grad=False)
+
+    def forward(self, **inputs):
+        return types.SimpleNamespace(hidden_states=(self.hidden,))
 
     def get_output_embeddings(self) -> torch.nn.Linear:
         return self.head

@@ -44,15 +44,18 @@ def with_lm_head(model, loss_of_head):
 
 def response_hidden(model, rollout, indices) -> torch.Tensor:
     """Last hidden states (after the final norm) that predict each response token, [n, R, d], from one forward pass
-    of the model body over [prompt; response]; with_lm_head gives the weight that turns them into logits. `rollout`
+    of the model over [prompt; response]; with_lm_head gives the weight that turns them into logits. `rollout`
     is a generation.Rollout or a student_data.Sequences: left-padded prompts, right-padded responses."""
-    model = unwrapped(model)
     prompt_ids, prompt_mask = rollout.prompt_ids[indices], rollout.prompt_mask[indices]
     response_ids, response_mask = rollout.response_ids[indices], rollout.response_mask[indices]
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
     attention = torch.cat([prompt_mask, torch.ones_like(response_mask, dtype=prompt_mask.dtype)], dim=1)
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-    body = model.base_model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids)
-    hidden = body.last_hidden_state
+    # Through the model's own forward (a DeepSpeed engine's, when given one), with its LM head kept to one position:
+    # under ZeRO-3 a step whose student never ran the engine's forward trained to other parameters than ZeRO-0's
+    # (tests/test_zero3.py, GKD and KD), even though the module's hooks gather the weights either way.
+    output = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, output_hidden_states=True,
+                   logits_to_keep=1)
+    hidden = output.hidden_states[-1]
     prompt_width = prompt_ids.shape[1]
     return hidden[:, prompt_width - 1 : prompt_width - 1 + response_ids.shape[1]]

@@ -80,8 +80,7 @@ def response_token_loss_parts(model, batch: dict, kd: KDTerm | None) -> tuple[di
 
 def last_hidden_states(model, batch: dict) -> torch.Tensor:
     """[B, T - 1, d]: the last hidden states (after the final norm) that predict tokens 1..T-1 of the batch."""
-    # Through the model's own forward (the DeepSpeed engine's, whose ZeRO-3 bookkeeping runs there), with the LM
-    # head kept to one position: the fused loss runs the head.
+    # Through the model's own forward, as hidden_states.response_hidden and for its reason (ZeRO-3).
     output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True,
                    logits_to_keep=1)
     return output.hidden_states[-1][:, :-1]

@@ -62,7 +62,7 @@ def test_a_saved_checkpoint_reloads_to_the_same_logits(family, tmp_path) -> None
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_fused_losses_hidden_states_times_the_head_are_the_models_logits(family) -> None:
-    """response_hidden runs the body only; its hidden states through the LM head must be the full model's
+    """response_hidden's hidden states (the forward's last, its head kept to one position) through the LM head must be the full model's
     logits at the positions that predict each response token (OPT's final norm and Llama's RMSNorm included)."""
     model = tiny(family)
     prompt_ids, prompt_mask = left_pad([[5, 6, 7], [8, 9, 10, 11, 12], [4]], EOS)

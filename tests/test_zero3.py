@@ -39,7 +39,7 @@ def results(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["sft", "kd", "minillm", "opd"])
+@pytest.mark.parametrize("method", ["sft", "kd", "gkd", "minillm", "opd"])
 def test_zero3_reaches_the_parameters_of_zero0(results, family, method):
     runs, _ = results
     zero0, zero3 = runs[(family, method, 0)], runs[(family, method, 3)]

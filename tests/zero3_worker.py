@@ -1,4 +1,4 @@
-"""SFT, KD, MiniLLM and OPD on tiny Llama and OPT models under ZeRO-0 and ZeRO-3, on 2 gloo ranks; shared by
+"""SFT, KD, GKD, MiniLLM and OPD on tiny Llama and OPT models under ZeRO-0 and ZeRO-3, on 2 gloo ranks; shared by
 tests/test_zero3.py, which launches it:
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/zero3_worker.py --world W --out OUT
@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from pipeline import engine
-from pipeline.config import Architecture, EngineConfig, MiniLLMMethod, Optimizer, SFTStage
+from pipeline.config import Architecture, EngineConfig, GKDMethod, MiniLLMMethod, Optimizer, SFTStage
+from pipeline.gkd import train_gkd
 from pipeline.minillm import train_minillm
 from pipeline.models import build_causal_lm, save_checkpoint
 from pipeline.sft import KDTerm, copy_with_state, cpu_state, train_sft
@@ -41,6 +42,11 @@ MINILLM = MiniLLMMethod(
 # runs the student's whole forward with its LM head.
 OPD = MINILLM.model_copy(update={"teacher_mix": 0.0, "single_step": False, "pt_coef": 0.0, "returns": "discounted",
                                  "gamma": 0.0, "length_normalized": False, "whiten_advantages": False})
+
+# On-policy half the time: student samples and the teacher's forward on them, the student's body without its LM head.
+GKD = GKDMethod(steps=4, batch_size=4, micro_batch_size=1, max_new_tokens=5, optimizer=OPTIMIZER.model_dump(),
+                eval_every=2, eval_max_new_tokens=4, on_policy_fraction=0.5, beta=0.5, temperature=1.0,
+                loss_temperature=1.0, seq_kd=False)
 
 
 def tiny_pair(family: str, vocab_size: int, eos: int) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -99,6 +105,12 @@ def main() -> None:
                              stage_key=f"{family}.{method}", kd=kd if method == "kd" else None, **sft_inputs)
                 results[(family, method, zero_stage)] = {"final": cpu_state(model), "best": result.best_rouge_state,
                                                          "valid_curve": result.valid_curve}
+            model = copy.deepcopy(student)
+            result = run(train_gkd, f"{family}-gkd-{zero_stage}", dist, config, student=model, teacher=copy.deepcopy(teacher),
+                         tokenizer=tokenizer, train_split=world["train"], valid_split=world["valid"],
+                         valid_records=world["records"], config=GKD, seed=5)
+            results[(family, "gkd", zero_stage)] = {"final": cpu_state(model), "best": result.best_state,
+                                                    "valid_curve": result.valid_curve}
             for method, method_config in (("opd", OPD), ("minillm", MINILLM)):  # MiniLLM's student is checked below
                 model = copy.deepcopy(student)
                 rollouts = args.out / f"rollouts-{family}-{method}-{zero_stage}"
