@@ -71,6 +71,15 @@ def build_models_and_prompts(args):
     return tokenizer, teacher, student, prompt_ids, prompt_texts
 
 
+def timed_steps(step, steps: int) -> float:
+    """Seconds of steps 1..steps after the untimed warm-up step 0."""
+    step(0)
+    started = time.perf_counter()
+    for index in range(1, steps + 1):
+        step(index)
+    return time.perf_counter() - started
+
+
 def run_ours(args, tokenizer, teacher, student, prompt_ids, prompt_texts) -> tuple[float, int]:
     import yaml
 
@@ -99,11 +108,7 @@ def run_ours(args, tokenizer, teacher, student, prompt_ids, prompt_texts) -> tup
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step(0)
-    started = time.perf_counter()
-    for index in range(1, args.steps + 1):
-        step(index)
-    return time.perf_counter() - started, baseline
+    return timed_steps(step, args.steps), baseline
 
 
 def run_ours_gkd(args, tokenizer, teacher, student, prompt_ids, prompt_texts) -> tuple[float, int]:
@@ -130,11 +135,7 @@ def run_ours_gkd(args, tokenizer, teacher, student, prompt_ids, prompt_texts) ->
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step(0)
-    started = time.perf_counter()
-    for index in range(1, args.steps + 1):
-        step(index)
-    return time.perf_counter() - started, baseline
+    return timed_steps(step, args.steps), baseline
 
 
 def run_ours_opd(args, tokenizer, teacher, student, prompt_ids, prompt_texts) -> tuple[float, int]:
@@ -166,11 +167,7 @@ def run_ours_opd(args, tokenizer, teacher, student, prompt_ids, prompt_texts) ->
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step(0)
-    started = time.perf_counter()
-    for index in range(1, args.steps + 1):
-        step(index)
-    return time.perf_counter() - started, baseline
+    return timed_steps(step, args.steps), baseline
 
 
 class StepTimer(TrainerCallback):
