@@ -164,12 +164,17 @@ def replay(root: Path, experiment: str) -> list[tuple[str, str]]:
             continue
 
         metrics, metric_tags = [], {}
+        # A stage with several metrics files (evaluate: Table 1's checkpoint and the compute-matched one, in
+        # metrics/eval/ and metrics/eval_at_budget/) holds the same keys in each: its directory tells them apart.
+        several_json = sum(path.suffix == ".json" for path in stage["files"]) > 1
         for path in stage["files"]:
             timestamp_ms = int(path.stat().st_mtime * 1000)
             if path.suffix == ".csv":
                 metrics += plots_csv_points(path, timestamp_ms)
             else:
                 points, tags = metrics_json_points(path, timestamp_ms)
+                if several_json:
+                    points = [Metric(f"{path.parent.name}/{m.key}", m.value, m.timestamp, m.step) for m in points]
                 metrics += points
                 metric_tags |= tags
 

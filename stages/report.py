@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--init-plots", required=True, help="the directory of init_student's training curves")
     parser.add_argument("--distill-plots", required=True, help="the directory of the distill stages' training curves")
     parser.add_argument("--budget-metrics", required=True,
-                        help="the directory of the evaluate_at_budget stages' metrics files (compute_matched.md)")
+                        help="the directory of the compute-matched checkpoints' metrics files (compute_matched.md)")
     parser.add_argument("--budget-predictions", required=True, help="the directory of their predictions")
     parser.add_argument("--out", required=True, help="the report directory to write")
     arguments = parser.parse_args()

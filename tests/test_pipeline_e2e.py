@@ -30,11 +30,10 @@ TRAIN_SEED = 1234  # tests/micro_params.yaml train_seeds
 METHODS = {"teacher", "sft", "sft_long", "kd", "seqkd", "minillm", "gkd", "distillm", "opd"}
 EVALUATIONS = {"evaluate_teacher"} | {f"evaluate_sft@{s}-{TRAIN_SEED}" for s in STUDENTS} | {
     f"evaluate@{m}-{s}-{TRAIN_SEED}" for m in METHODS - {"teacher", "sft"} for s in STUDENTS}
-BUDGET_EVALUATIONS = {f"evaluate_at_budget@{m}-{s}-{TRAIN_SEED}" for m in METHODS - {"teacher", "sft"} for s in STUDENTS}
 TRAINING = {f"{stage}@{s}-{TRAIN_SEED}" for stage in ("init_student", *(f"distill_{m}" for m in METHODS - {"teacher", "sft"}))
             for s in STUDENTS}
 STAGES = ({"check_params", "build_data", "pretrain_teacher", "train_teacher", "teacher_generate", "report"}
-          | {f"pretrain_student@{s}" for s in STUDENTS} | TRAINING | EVALUATIONS | BUDGET_EVALUATIONS)
+          | {f"pretrain_student@{s}" for s in STUDENTS} | TRAINING | EVALUATIONS)
 
 pytestmark = pytest.mark.slow
 
@@ -159,15 +158,17 @@ def test_second_repro_does_nothing_and_eval_param_retrains_nothing(pipeline):
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     dry = run(["dvc", "repro", "--dry"], workdir, env)
     ran = {line.split("'")[1] for line in dry.stdout.splitlines() if line.startswith("Running stage")}
-    assert ran == {"check_params", "report"} | EVALUATIONS | BUDGET_EVALUATIONS
+    assert ran == {"check_params", "report"} | EVALUATIONS
     run(["git", "checkout", "params.yaml"], workdir, env)
 
 
 def test_two_queued_experiments_run_at_once_and_share_the_mlflow_store(pipeline):
     """The README's sweep recipe: `dvc exp run --queue -S ...` twice, `dvc queue start -j 2` (both at once, one SQLite
     store), then `dvc exp show` and `dvc metrics diff`. (Each queued experiment is a `dvc exp run -S` in a copy of
-    the workspace: this also covers the README's plain `dvc exp run -S`.) Seeds no earlier test used, so DVC's run cache cannot stand in
-    for running the stages; only evaluation, the report and check_params may run."""
+    the workspace: this also covers the README's plain `dvc exp run -S`.) Sampling seeds no earlier test used, so
+    DVC's run cache cannot stand in for running the stages; only evaluation, the report and check_params may run.
+    (A training param would run fewer stages, but the micro models sample the same tokens after a small change in
+    their weights: two KD divergences gave equal Rouge-L, so the experiments could not be told apart.)"""
     from mlflow import MlflowClient
 
     workdir, env, _ = pipeline
@@ -219,7 +220,7 @@ def test_two_queued_experiments_run_at_once_and_share_the_mlflow_store(pipeline)
         shown = run(command, workdir, env)
         assert "WARNING" not in shown.stdout + shown.stderr and "failed" not in shown.stdout + shown.stderr, shown
 
-    expected_stages = {"check_params", "report"} | EVALUATIONS | BUDGET_EVALUATIONS
+    expected_stages = {"check_params", "report"} | EVALUATIONS
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     experiment_id = client.get_experiment_by_name("minillm-distillation").experiment_id
     for name in experiments:
@@ -270,8 +271,7 @@ def test_removed_students_and_seeds_leave_nothing_stale_and_a_killed_repro_resum
     current = {"check_params", "build_data", "pretrain_teacher", "train_teacher", "teacher_generate", "report",
                "evaluate_teacher", "pretrain_student@tiny"} | {
         f"{stage}@tiny-7" for stage in ("init_student", *(f"distill_{m}" for m in METHODS - {"teacher", "sft"}))} | {
-        f"evaluate@{method}-tiny-7" for method in METHODS - {"teacher", "sft"}} | {"evaluate_sft@tiny-7"} | {
-        f"evaluate_at_budget@{method}-tiny-7" for method in METHODS - {"teacher", "sft"}}
+        f"evaluate@{method}-tiny-7" for method in METHODS - {"teacher", "sft"}} | {"evaluate_sft@tiny-7"}
     lock = yaml.safe_load((workdir / "dvc.lock").read_text())["stages"]
     assert set(lock) == current
     results = pd.read_csv(workdir / "reports" / "results.csv")

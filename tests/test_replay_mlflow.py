@@ -27,6 +27,11 @@ stages:
     cmd: python evaluate.py
     metrics:
       - metrics/eval.json: {cache: false}
+  evaluate_both:                                       # two checkpoints' metrics files, as dvc.yaml's evaluate has
+    cmd: python evaluate.py --both
+    outs:
+      - metrics/eval/kd.json: {cache: false}
+      - metrics/eval_at_budget/kd.json: {cache: false}
   build:
     cmd: python build.py
     outs: [data]
@@ -73,6 +78,9 @@ def workspace(tmp_path, monkeypatch, store_uri):
     (tmp_path / "metrics" / "eval.json").write_text(json.dumps(
         {"method": "kd", "student": "small", "sets": {"sni": {"rouge_l": 30.5, "per_seed": {"10": 30.0, "20": 31.0}}}}
     ))
+    for directory, rouge_l in (("eval", 30.5), ("eval_at_budget", 28.0)):
+        (tmp_path / "metrics" / directory).mkdir()
+        (tmp_path / "metrics" / directory / "kd.json").write_text(json.dumps({"method": "kd", "sets": {"sni": {"rouge_l": rouge_l}}}))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store_uri)
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
@@ -86,15 +94,16 @@ def runs_by_name(client, experiment):
 
 def test_replay_creates_one_nested_run_per_stage_with_the_files_metrics(workspace, store_uri):
     outcome = replay_mlflow.replay(workspace.resolve(), "replayed")
-    assert sorted(outcome) == [("evaluate", "replayed"), ("train@large", "replayed"), ("train@small", "replayed")]
+    assert sorted(outcome) == [("evaluate", "replayed"), ("evaluate_both", "replayed"), ("train@large", "replayed"),
+                               ("train@small", "replayed")]
 
     client = MlflowClient(tracking_uri=store_uri)
     runs = runs_by_name(client, "replayed")
     parents = [r for r in runs if r.data.tags.get("pipeline.parent") == "true"]
-    assert len(parents) == 1 and len(runs) == 4  # the stage without metrics files gets no run
+    assert len(parents) == 1 and len(runs) == 5  # the stage without metrics files gets no run
     parent = parents[0]
     children = {r.info.run_name: r for r in runs if r is not parent}
-    assert set(children) == {"train@small", "train@large", "evaluate"}
+    assert set(children) == {"train@small", "train@large", "evaluate", "evaluate_both"}
     for name, run in children.items():
         assert run.info.status == "FINISHED"
         assert run.data.tags["dvc.stage"] == name
@@ -120,19 +129,23 @@ def test_replay_creates_one_nested_run_per_stage_with_the_files_metrics(workspac
     evaluate = children["evaluate"]
     assert evaluate.data.metrics == {"sets/sni/rouge_l": 30.5, "sets/sni/per_seed/10": 30.0, "sets/sni/per_seed/20": 31.0}
     assert evaluate.data.tags["method"] == "kd" and evaluate.data.tags["student"] == "small"
+    # Each file's directory keeps its numbers apart: the same key in both would hold one value only.
+    both = children["evaluate_both"]
+    assert both.data.metrics == {"eval/sets/sni/rouge_l": 30.5, "eval_at_budget/sets/sni/rouge_l": 28.0}
+    assert both.data.tags["method"] == "kd"
 
 
 def test_replaying_again_adds_only_changed_stages(workspace, store_uri):
     replay_mlflow.replay(workspace.resolve(), "again")
-    assert [status for _, status in replay_mlflow.replay(workspace.resolve(), "again")] == ["unchanged"] * 3
+    assert [status for _, status in replay_mlflow.replay(workspace.resolve(), "again")] == ["unchanged"] * 4
     client = MlflowClient(tracking_uri=store_uri)
-    assert len(runs_by_name(client, "again")) == 4
+    assert len(runs_by_name(client, "again")) == 5
 
     (workspace / "metrics" / "eval.json").write_text(json.dumps({"sets": {"sni": {"rouge_l": 40.0}}}))
     assert sorted(replay_mlflow.replay(workspace.resolve(), "again")) == [
-        ("evaluate", "replayed"), ("train@large", "unchanged"), ("train@small", "unchanged")
+        ("evaluate", "replayed"), ("evaluate_both", "unchanged"), ("train@large", "unchanged"), ("train@small", "unchanged")
     ]
-    assert len(runs_by_name(client, "again")) == 6  # a second parent and the new evaluate run
+    assert len(runs_by_name(client, "again")) == 7  # a second parent and the new evaluate run
 
 
 def test_command_line_and_its_errors(workspace, store_uri, monkeypatch, capsys):
@@ -140,7 +153,7 @@ def test_command_line_and_its_errors(workspace, store_uri, monkeypatch, capsys):
     replay_mlflow.exit_on_user_error(replay_mlflow.main)
     out = capsys.readouterr().out
     assert "replay_mlflow: train@small: replayed" in out
-    assert out.strip().splitlines()[-1] == f"replay_mlflow: 3 stage run(s) replayed into {store_uri}, 0 unchanged"
+    assert out.strip().splitlines()[-1] == f"replay_mlflow: 4 stage run(s) replayed into {store_uri}, 0 unchanged"
 
     (workspace / "plots" / "train" / "small" / "valid.csv").write_text("step,valid_rouge_l\n3,high\n")
     with pytest.raises(SystemExit) as exited:

@@ -27,7 +27,7 @@ ROUGE = {
     ("minillm", "S", 1): {"dollyeval": [25.0, 27.0], "sni": [38.0, 40.0]},
     ("minillm", "S", 2): {"dollyeval": [29.0, 31.0], "sni": [40.0, 42.0]},
 }
-# MiniLLM's compute-matched checkpoints (evaluate_at_budget): SFT w/o KD's scores, +2 on DollyEval.
+# MiniLLM's compute-matched checkpoints (evaluate --model-at-budget): SFT w/o KD's scores, +2 on DollyEval.
 ROUGE_AT_BUDGET = {
     ("minillm", "S", 1): {"dollyeval": [22.0, 24.0], "sni": [40.0, 42.0]},
     ("minillm", "S", 2): {"dollyeval": [26.0, 28.0], "sni": [44.0, 46.0]},
@@ -287,8 +287,12 @@ def test_readme_search_runs_snippet_rebuilds_the_table(metrics_root: Path, monke
         tags = {"method": method, "student": student, "train_seed": str(train_seed)}
         with StageRun(f"evaluate@{method}-{student}-{train_seed}", {}, tags=tags) as run:
             for eval_set, per_seed in sets.items():
-                run.log_child_run(eval_set, {"eval_set": eval_set},
+                run.log_child_run(eval_set, {"eval_set": eval_set, "checkpoint": "table1"},
                                   {"rouge_l": sum(per_seed) / 2, "ece": 0.1, "distinct_4": 0.8})
+            # As stages/evaluate.py does, the compute-matched checkpoint's set runs come after, hence are the newest.
+            for eval_set in sets:
+                run.log_child_run(f"at_budget {eval_set}", {"eval_set": eval_set, "checkpoint": "at_budget"},
+                                  {"rouge_l": -1.0, "ece": 0.1, "distinct_4": 0.8})
     namespace = {}
     exec(readme_snippet(), namespace)  # noqa: S102 - the README's own code, run as a user would
     table = namespace["table"]
