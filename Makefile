@@ -4,7 +4,7 @@ PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: repro test test-fast test-paper bench-venv
+.PHONY: repro test test-fast test-paper bench-venv bench-venv-trl116
 
 $(INSTALLED): requirements.txt requirements-dev.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -17,9 +17,10 @@ $(INSTALLED): requirements.txt requirements-dev.txt
 repro: $(INSTALLED)
 	dvc repro
 
+# Two workers, one test file each at a time: the end-to-end file runs on one while the other does the rest.
 test: $(INSTALLED)
 	$(VENV)/bin/ruff check .
-	$(PYTHON) -m pytest -m "not paper"
+	$(PYTHON) -m pytest -m "not paper" -n 2 --dist loadfile
 
 # The paper-scale dry runs on the CPU (tests/test_paper_dryrun.py, ~37 min and ~13 GiB; tests/test_paper_dryrun_families.py,
 # ~23 min and ~18 GiB each): not part of `make test`.
@@ -30,14 +31,22 @@ test-fast: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(PYTHON) -m pytest -m "not slow and not paper"
 
-# The benchmark extra (benchmarks/bench_trl.py): TRL in a venv of its own inside the repo (git-ignored), so that
-# .venv stays exactly as requirements.txt pins it.
-BENCH_VENV := .venv-bench
-$(BENCH_VENV)/.installed: requirements-bench.txt requirements.txt
-	test -x $(BENCH_VENV)/bin/python || python3 -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/python -m pip install -q pip==25.3
-	$(BENCH_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(BENCH_VENV)/bin/python -m pip install -q -r requirements-bench.txt
-	touch $@
+# The benchmark extras (benchmarks/bench_trl.py): TRL in venvs of their own inside the repo (git-ignored), so that
+# .venv stays exactly as requirements.txt pins it. TRL 1.13 (MiniLLMTrainer's last) and TRL 1.16.
+define bench_venv
+	test -x $(1)/bin/python || python3 -m venv $(1)
+	$(1)/bin/python -m pip install -q pip==25.3
+	$(1)/bin/python -m pip install -q torch==2.13.0
+	$(1)/bin/python -m pip install -q -r $(2)
+	touch $(1)/.installed
+endef
 
-bench-venv: $(BENCH_VENV)/.installed
+.venv-bench/.installed: requirements-bench.txt requirements.txt
+	$(call bench_venv,.venv-bench,requirements-bench.txt)
+
+.venv-bench-trl116/.installed: requirements-bench-trl116.txt requirements.txt
+	$(call bench_venv,.venv-bench-trl116,requirements-bench-trl116.txt)
+
+bench-venv: .venv-bench/.installed
+
+bench-venv-trl116: .venv-bench-trl116/.installed
