@@ -20,13 +20,19 @@ suite, the same prompts (instruction prompts of that suite, spec §1 template), 
     minillm_opd  MiniLLMTrainer at ours_opd's settings: rkl_advantage (per-token reward), gamma 0,
              single_step_decomposition off, GRPO's beta 0 (no reference KL), epsilon 0.2, one iteration per
              generation, loss_type dapo (summed over tokens, divided by their count, as ours)
+    distillation  trl.DistillationTrainer (TRL's stable on-policy distiller; 1.16 dropped MiniLLMTrainer), equal
+             work with ours_gkd and gkd: always on-policy (it has no lmbda), beta=1 (reverse KL), temperature 1,
+             `generate` without vLLM, dropout off
+No TRL contender checkpoints gradients (TRL's configs default to it; ours never does): with it on, GKDTrainer
+samples without a KV cache, which made TRL look about twice as slow as it is at equal work.
 EOS is disabled in every model, so every sample is exactly --new-tokens long. Every contender runs --steps
 optimiser steps after one warm-up step (not timed); seconds per sample = timed wall time / (steps x batch).
 Peak memory: the subprocess's peak RSS (VmHWM) and its rise above the RSS after models and trainer were built.
 Target (issue 5): ours >= 2x TRL's throughput at <= its peak memory.
 
-Needs the benchmark extra (trl); see benchmarks/README.md:
+Needs the benchmark extra (trl); see benchmarks/README.md. TRL 1.13 (the last with MiniLLMTrainer), then TRL 1.16:
     make bench-venv && .venv-bench/bin/python -m benchmarks.bench_trl
+    make bench-venv-trl116 && .venv-bench-trl116/bin/python -m benchmarks.bench_trl --contenders ours_gkd gkd distillation
 """
 
 import argparse
@@ -46,7 +52,7 @@ from pipeline.data import build_prompt, train_bpe_tokenizer
 from pipeline.models import build_causal_lm
 from pipeline.synthetic import build_suite
 
-CONTENDERS = ("ours", "ours_gkd", "ours_opd", "gkd", "minillm", "minillm_opd")
+CONTENDERS = ("ours", "ours_gkd", "ours_opd", "gkd", "minillm", "minillm_opd", "distillation")
 TEACHER_ARCH = Architecture(n_layer=4, n_embd=128, n_head=2)
 STUDENT_ARCH = Architecture(n_layer=2, n_embd=64, n_head=2)
 LEARNING_RATE = 5e-4
@@ -192,6 +198,7 @@ def common_training_arguments(args, output_dir: str) -> dict:
         output_dir=output_dir, per_device_train_batch_size=args.batch, max_steps=args.steps + 1,
         learning_rate=LEARNING_RATE, lr_scheduler_type="constant", logging_steps=10**6, save_strategy="no",
         report_to=[], use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, disable_tqdm=True, seed=0,
+        gradient_checkpointing=False,  # TRL's default is on; ours recomputes nothing (see the module docstring)
     )
 
 
@@ -246,11 +253,33 @@ def run_minillm_opd(args, tokenizer, teacher, student, prompt_ids, prompt_texts)
                        loss_type="dapo")
 
 
+def run_distillation(args, tokenizer, teacher, student, prompt_ids, prompt_texts) -> tuple[float, int]:
+    from datasets import Dataset
+    from trl import DistillationConfig, DistillationTrainer
+
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as output_dir:
+        config = DistillationConfig(**common_training_arguments(args, output_dir), beta=1.0, temperature=1.0,
+                                    max_completion_length=args.new_tokens, disable_dropout=True, use_vllm=False,
+                                    generation_kwargs={"eos_token_id": None})  # `generate` would stop at EOS
+        trainer = DistillationTrainer(
+            model=student, teacher_model=teacher, args=config, processing_class=tokenizer,
+            train_dataset=Dataset.from_dict({"prompt": prompt_texts}), callbacks=[timer],
+        )
+        # 1.16 also masks each completion after its first token in eos_token_ids (the tokenizer's EOS, id 0, which
+        # sampling does draw): a stop id that never occurs keeps every sample's --new-tokens tokens in the loss, as
+        # ours_gkd's. (1.13 masks after the tokenizer's EOS itself, about once in 1,000 tokens of these models; its
+        # loss still runs over the whole [B, new tokens] tensor.)
+        trainer.eos_token_ids = [-1]
+        trainer.train()
+    return timer.finished - timer.started, timer.baseline
+
+
 def child(args) -> None:
     torch.manual_seed(0)
     built = build_models_and_prompts(args)
     runner = {"ours": run_ours, "ours_gkd": run_ours_gkd, "ours_opd": run_ours_opd, "gkd": run_gkd,
-              "minillm": run_minillm, "minillm_opd": run_minillm_opd}[args.child]
+              "minillm": run_minillm, "minillm_opd": run_minillm_opd, "distillation": run_distillation}[args.child]
     seconds, baseline = runner(args, *built)
     peak = process_peak_rss()
     print("RESULT " + json.dumps({"seconds": seconds, "peak": peak, "baseline": baseline}))
@@ -288,10 +317,12 @@ def main() -> None:
         rows.append([name, per_sample * 1000, 1 / per_sample, result["peak"] / MIB,
                      (result["peak"] - result["baseline"]) / MIB])
 
+    from importlib.metadata import version
+
     print(f"\nbatch {args.batch}, prompt <= {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.steps} timed "
-          f"steps, threads {args.threads}")
+          f"steps, threads {args.threads}, trl {version('trl')}")
     print_table(["contender", "ms / sample", "samples/s", "peak RSS MiB", "peak over start MiB"], rows)
-    equal_work = (("ours_gkd", "gkd"), ("ours_opd", "minillm_opd"))
+    equal_work = (("ours_gkd", "gkd"), ("ours_gkd", "distillation"), ("ours_opd", "minillm_opd"))
     for ours, peer in (*equal_work, ("ours", "gkd"), ("ours", "minillm")):
         if ours in results and peer in results:
             speedup = results[peer]["seconds"] / results[ours]["seconds"]
