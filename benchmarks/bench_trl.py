@@ -28,6 +28,9 @@ samples without a KV cache, which made TRL look about twice as slow as it is at 
 EOS is disabled in every model, so every sample is exactly --new-tokens long. Every contender runs --steps
 optimiser steps after one warm-up step (not timed); seconds per sample = timed wall time / (steps x batch).
 Peak memory: the subprocess's peak RSS (VmHWM) and its rise above the RSS after models and trainer were built.
+Sampling: the seconds of the timed steps spent sampling, per step (ours: `sample`, which for ours_opd includes the
+teacher's forward over the finished samples; TRL's: the student's `generate`, timed by wrapping it); the rest of a
+step is the teacher's forward, the loss, its backward and the optimiser.
 Target (issue 5): ours >= 2x TRL's throughput at <= its peak memory.
 
 Needs the benchmark extra (trl); see benchmarks/README.md. TRL 1.13 (the last with MiniLLMTrainer), then TRL 1.16:
@@ -36,6 +39,7 @@ Needs the benchmark extra (trl); see benchmarks/README.md. TRL 1.13 (the last wi
 """
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -77,9 +81,38 @@ def build_models_and_prompts(args):
     return tokenizer, teacher, student, prompt_ids, prompt_texts
 
 
+class SamplingTimer:
+    """Seconds spent sampling in the timed steps (counting starts after the warm-up step)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.counting = False
+
+    @contextlib.contextmanager
+    def __call__(self):
+        started = time.perf_counter()
+        yield
+        if self.counting:
+            self.seconds += time.perf_counter() - started
+
+    def wrap_generate(self, model) -> None:
+        """TRL's trainers sample with the student's `generate` (the same module, unwrapped, on one CPU process)."""
+        generate = model.generate
+
+        def timed_generate(*args, **kwargs):
+            with self():
+                return generate(*args, **kwargs)
+
+        model.generate = timed_generate
+
+
+SAMPLING = SamplingTimer()
+
+
 def timed_steps(step, steps: int) -> float:
     """Seconds of steps 1..steps after the untimed warm-up step 0."""
     step(0)
+    SAMPLING.counting = True
     started = time.perf_counter()
     for index in range(1, steps + 1):
         step(index)
@@ -105,9 +138,10 @@ def run_ours(args, tokenizer, teacher, student, prompt_ids, prompt_texts) -> tup
     def step(index: int) -> None:
         start = index * args.batch % (len(prompt_ids) - args.batch)
         ids, mask = left_pad(prompt_ids[start : start + args.batch], tokenizer.pad_token_id)
-        rollout = sample(student, ids, mask, max_new_tokens=args.new_tokens, eos_token_id=-1,
-                         pad_token_id=tokenizer.pad_token_id, generator=generator, teacher=teacher,
-                         teacher_mix=config.teacher_mix)
+        with SAMPLING():
+            rollout = sample(student, ids, mask, max_new_tokens=args.new_tokens, eos_token_id=-1,
+                             pad_token_id=tokenizer.pad_token_id, generator=generator, teacher=teacher,
+                             teacher_mix=config.teacher_mix)
         buffer = make_buffer(rollout, config)
         sums = surrogate_sums(student, teacher, buffer, torch.arange(args.batch), config)
         ((sums["single"] + sums["long"]) / rollout.response_mask.sum()).backward()
@@ -133,8 +167,9 @@ def run_ours_gkd(args, tokenizer, teacher, student, prompt_ids, prompt_texts) ->
     def step(index: int) -> None:
         start = index * args.batch % (len(prompt_ids) - args.batch)
         ids, mask = left_pad(prompt_ids[start : start + args.batch], tokenizer.pad_token_id)
-        rollout = sample(student, ids, mask, max_new_tokens=args.new_tokens, eos_token_id=-1,
-                         pad_token_id=tokenizer.pad_token_id, generator=generator)
+        with SAMPLING():
+            rollout = sample(student, ids, mask, max_new_tokens=args.new_tokens, eos_token_id=-1,
+                             pad_token_id=tokenizer.pad_token_id, generator=generator)
         batch = Sequences(rollout.prompt_ids, rollout.prompt_mask, rollout.response_ids, rollout.response_mask)
         sums = divergence_sums(student, teacher, batch, torch.arange(args.batch), "jsd", 1.0, 0.0, 1.0)
         (sums["divergence"] / rollout.response_mask.sum()).backward()
@@ -165,8 +200,10 @@ def run_ours_opd(args, tokenizer, teacher, student, prompt_ids, prompt_texts) ->
         start = index * prompts_per_step % (len(prompt_ids) - prompts_per_step)
         prompts = [ids for ids in prompt_ids[start : start + prompts_per_step] for _ in range(2)]
         ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-        rollout = sample(student, ids, mask, max_new_tokens=args.new_tokens, eos_token_id=-1,
-                         pad_token_id=tokenizer.pad_token_id, generator=generator, teacher=teacher, teacher_mix=0.0)
+        with SAMPLING():  # the student's sampling, then the teacher's one forward over the finished samples
+            rollout = sample(student, ids, mask, max_new_tokens=args.new_tokens, eos_token_id=-1,
+                             pad_token_id=tokenizer.pad_token_id, generator=generator, teacher=teacher,
+                             teacher_mix=0.0)
         buffer = make_buffer(rollout, config)
         sums = surrogate_sums(student, teacher, buffer, torch.arange(len(prompts)), config)
         (sums["long"] / rollout.response_mask.sum()).backward()
@@ -189,6 +226,7 @@ class StepTimer(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 1:
+            SAMPLING.counting = True
             self.started = time.perf_counter()
         self.finished = time.perf_counter()
 
@@ -218,6 +256,7 @@ def run_gkd(args, tokenizer, teacher, student, prompt_ids, prompt_texts) -> tupl
                 "labels": labels}
 
     timer = StepTimer()
+    SAMPLING.wrap_generate(student)
     with tempfile.TemporaryDirectory() as output_dir:
         config = GKDConfig(**common_training_arguments(args, output_dir), lmbda=1.0, beta=1.0, temperature=1.0,
                            max_new_tokens=args.new_tokens, max_length=args.prompt_len + args.new_tokens)
@@ -234,6 +273,7 @@ def run_minillm(args, tokenizer, teacher, student, prompt_ids, prompt_texts, **o
     from trl.experimental.minillm import MiniLLMConfig, MiniLLMTrainer
 
     timer = StepTimer()
+    SAMPLING.wrap_generate(student)
     with tempfile.TemporaryDirectory() as output_dir:
         config = MiniLLMConfig(**common_training_arguments(args, output_dir), num_generations=2,
                                max_completion_length=args.new_tokens, temperature=1.0,
@@ -258,6 +298,7 @@ def run_distillation(args, tokenizer, teacher, student, prompt_ids, prompt_texts
     from trl import DistillationConfig, DistillationTrainer
 
     timer = StepTimer()
+    SAMPLING.wrap_generate(student)
     with tempfile.TemporaryDirectory() as output_dir:
         config = DistillationConfig(**common_training_arguments(args, output_dir), beta=1.0, temperature=1.0,
                                     max_completion_length=args.new_tokens, disable_dropout=True, use_vllm=False,
@@ -282,7 +323,7 @@ def child(args) -> None:
               "minillm": run_minillm, "minillm_opd": run_minillm_opd, "distillation": run_distillation}[args.child]
     seconds, baseline = runner(args, *built)
     peak = process_peak_rss()
-    print("RESULT " + json.dumps({"seconds": seconds, "peak": peak, "baseline": baseline}))
+    print("RESULT " + json.dumps({"seconds": seconds, "peak": peak, "baseline": baseline, "sampling": SAMPLING.seconds}))
 
 
 def main() -> None:
@@ -314,14 +355,16 @@ def main() -> None:
         result = json.loads(lines[-1][len("RESULT ") :])
         results[name] = result
         per_sample = result["seconds"] / (args.steps * args.batch)
-        rows.append([name, per_sample * 1000, 1 / per_sample, result["peak"] / MIB,
+        rows.append([name, per_sample * 1000, 1 / per_sample, result["sampling"] / args.steps * 1000,
+                     (result["seconds"] - result["sampling"]) / args.steps * 1000, result["peak"] / MIB,
                      (result["peak"] - result["baseline"]) / MIB])
 
     from importlib.metadata import version
 
     print(f"\nbatch {args.batch}, prompt <= {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.steps} timed "
           f"steps, threads {args.threads}, trl {version('trl')}")
-    print_table(["contender", "ms / sample", "samples/s", "peak RSS MiB", "peak over start MiB"], rows)
+    print_table(["contender", "ms / sample", "samples/s", "sampling ms / step", "rest ms / step", "peak RSS MiB",
+                 "peak over start MiB"], rows)
     equal_work = (("ours_gkd", "gkd"), ("ours_gkd", "distillation"), ("ours_opd", "minillm_opd"))
     for ours, peer in (*equal_work, ("ours", "gkd"), ("ours", "minillm")):
         if ours in results and peer in results:
