@@ -70,28 +70,24 @@ def main() -> None:
         tokenizer = load_tokenizer(arguments.tokenizer)
         set_files = {set_name: Path(arguments.eval_sets) / f"{set_name}.jsonl" for set_name in EVAL_SETS}
         set_files = {set_name: path for set_name, path in set_files.items() if path.is_file()}
-        model = load_model(arguments.model, engine.dtype_of(params.engine)).to(device)
-        metrics = {"method": method, "student": label, "train_seed": train_seed}
-        with atomic_directory(arguments.predictions) as predictions_dir:
-            metrics["sets"] = evaluate_sets(model, tokenizer, set_files, predictions_dir, params, run, stage, "table1")
-            exposure_set = eval_metrics.EXPOSURE_BIAS_SET
-            if method != "teacher" and exposure_set in set_files:
-                metrics["exposure_bias"] = measure_exposure_bias(model, arguments.teacher, tokenizer,
-                                                                 read_jsonl(set_files[exposure_set]), params, run, stage)
-        atomic_write_json(arguments.metrics, metrics)
-        for set_name in set_files:
-            run.log_artifact(Path(arguments.predictions) / f"{set_name}.jsonl", artifact_path="predictions")
-
+        checkpoints = [("table1", arguments.model, arguments.predictions, arguments.metrics)]
         if arguments.model_at_budget:
-            model = load_model(arguments.model_at_budget, engine.dtype_of(params.engine)).to(device)
+            checkpoints.append(("at_budget", arguments.model_at_budget, arguments.predictions_at_budget,
+                                arguments.metrics_at_budget))
+        for checkpoint, model_dir, predictions, metrics_path in checkpoints:
+            model = load_model(model_dir, engine.dtype_of(params.engine)).to(device)
             metrics = {"method": method, "student": label, "train_seed": train_seed}
-            with atomic_directory(arguments.predictions_at_budget) as predictions_dir:
+            with atomic_directory(predictions) as predictions_dir:
                 metrics["sets"] = evaluate_sets(model, tokenizer, set_files, predictions_dir, params, run, stage,
-                                                "at_budget")
-            atomic_write_json(arguments.metrics_at_budget, metrics)
+                                                checkpoint)
+                exposure_set = eval_metrics.EXPOSURE_BIAS_SET
+                if checkpoint == "table1" and method != "teacher" and exposure_set in set_files:
+                    metrics["exposure_bias"] = measure_exposure_bias(
+                        model, arguments.teacher, tokenizer, read_jsonl(set_files[exposure_set]), params, run, stage)
+            atomic_write_json(metrics_path, metrics)
+            artifact_path = "predictions" if checkpoint == "table1" else "predictions_at_budget"
             for set_name in set_files:
-                run.log_artifact(Path(arguments.predictions_at_budget) / f"{set_name}.jsonl",
-                                 artifact_path="predictions_at_budget")
+                run.log_artifact(Path(predictions) / f"{set_name}.jsonl", artifact_path=artifact_path)
 
 
 def evaluate_sets(model, tokenizer, set_files: dict[str, Path], predictions_dir: Path, params, run: StageRun,
